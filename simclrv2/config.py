@@ -1,0 +1,455 @@
+"""Typed run configuration: dataclasses with the paper's defaults, presets, files and flags.
+
+Every stage has one top-level dataclass (``PretrainConfig``, ``FinetuneConfig``, ...). Values are
+resolved in this order, later wins:
+
+1. the dataclass defaults, taken from the paper and the official ``tf2/run.py`` flags;
+2. a *preset* (``--preset``; ``auto`` picks one from ``--dataset``), which scales the run to the
+   data, e.g. a ResNet-18 at width 0.25 for the 28 px embedded Fashion-MNIST set;
+3. a JSON or YAML file (``--config FILE``), nested like the dataclasses;
+4. command-line flags, named after the official flags with dashes (``--train-batch-size``).
+
+The resolved configuration is saved as ``config.json`` beside every run's outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """An impossible setting; the message names the option and what to do."""
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose ``help`` becomes the command-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    """Encoder and projection head (paper section 2, Table 1; official ``resnet.py``/``model.py``)."""
+
+    resnet_depth: int = _opt(50, "ResNet depth: 18, 34, 50, 101, 152 or 200.")
+    width_multiplier: float = _opt(1.0, "Channel width multiplier; fractions (0.25) give tiny CPU models.")
+    sk_ratio: float = _opt(0.0, "Selective-kernel ratio; > 0 also turns on the ResNet-D stem and shortcut (paper: 0.0625).")
+    cifar_stem: Optional[bool] = _opt(None, "3x3 stride-1 stem without max-pool; default: on for images of 32 px or less.")
+    num_proj_layers: int = _opt(3, "Projection-head depth (SimCLRv2: 3).")
+    proj_out_dim: int = _opt(128, "Projection output dimension.")
+    ft_proj_selector: int = _opt(1, "Head layer that fine-tuning starts from: 0 = encoder output, 1 = after the first head layer (paper), -1 = last.")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented (official ``data.py``/``data_util.py``)."""
+
+    dataset: str = _opt("embedded", "embedded (Fashion-MNIST), fashion_mnist, cifar10, cifar100, stl10 or folder.")
+    data_dir: Optional[str] = _opt(None, "Folder with the dataset's files (default: the dataset's standard location).")
+    image_size: Optional[int] = _opt(None, "Training image size in pixels; default: the dataset's native size (224 for folders).")
+    subset: Optional[int] = _opt(None, "Use only the first N training images (after a seeded shuffle), for quick trials.")
+    eval_split: str = _opt("test", "Labelled split used for evaluation.")
+    pretrain_split: str = _opt("train", "Split of unlabeled images for pretraining and distillation (stl10: unlabeled).")
+    augmentation: str = _opt("batched", "batched: per-image random augmentation of whole tensor batches (fast); torchvision: classic per-image PIL pipeline.")
+    color_jitter_strength: float = _opt(1.0, "Colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR).")
+    use_blur: Optional[bool] = _opt(None, "Gaussian blur during pretraining; default: on for images larger than 32 px (official).")
+    num_workers: Optional[int] = _opt(None, "DataLoader workers for image folders; default: min(8, CPUs).")
+    skip_bad_images: bool = _opt(False, "Skip unreadable images and count them instead of stopping with an error.")
+    eval_batch_size: int = _opt(256, "Batch size for evaluation.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (official ``build_optimizer``, ``WarmUpAndCosineDecay``)."""
+
+    optimizer: str = _opt("lars", "lars, momentum (SGD with Nesterov momentum) or adam.")
+    learning_rate: float = _opt(0.075, "Base learning rate, scaled by --learning-rate-scaling with the global batch size.")
+    learning_rate_scaling: str = _opt("sqrt", "linear: lr * B / 256; sqrt: lr * sqrt(B).")
+    warmup_epochs: float = _opt(10.0, "Epochs of linear warm-up before the cosine decay.")
+    weight_decay: float = _opt(1e-4, "Weight decay (LARS: in the update; excluded for BN, biases and the supervised head).")
+    momentum: float = _opt(0.9, "Momentum.")
+    train_batch_size: int = _opt(4096, "Global batch size, summed over all processes.")
+    train_epochs: float = _opt(800.0, "Epochs to train for.")
+    train_steps: int = _opt(0, "Steps to train for; overrides --train-epochs when > 0.")
+
+
+@dataclass
+class RuntimeConfig:
+    """Devices, precision, run directory, checkpoints and logging."""
+
+    run_dir: Optional[str] = _opt(None, "Output folder; default: runs/<stage>-<time> in the current folder.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    precision: str = _opt("auto", "auto (bf16 where the device supports it, else fp32), fp32, bf16 or fp16 (CUDA only).")
+    channels_last: Optional[bool] = _opt(None, "Use channels-last memory format; default: on.")
+    compile: bool = _opt(False, "Compile the model with torch.compile.")
+    seed: int = _opt(0, "Random seed.")
+    max_steps: Optional[int] = _opt(None, "Stop after this many steps (the schedule still follows --train-epochs).")
+    resume: bool = _opt(True, "Continue from the newest valid checkpoint in the run folder, if there is one.")
+    checkpoint_steps: int = _opt(500, "Save a checkpoint every N steps (and at each epoch end).")
+    keep_checkpoint_max: int = _opt(3, "Number of step checkpoints to keep.")
+    log_every_steps: int = _opt(10, "Write training metrics every N steps.")
+    num_threads: Optional[int] = _opt(None, "CPU threads for PyTorch; default: the number of usable cores.")
+    on_nonfinite: str = _opt("stop", "What a non-finite loss does: stop (keep the last good checkpoint) or skip (skip the step and count it).")
+    global_bn: bool = _opt(True, "Synchronise batch-norm statistics across processes (paper: global BN).")
+    progress: bool = _opt(True, "Show a progress bar.")
+
+
+@dataclass
+class LabelConfig:
+    """Which labelled examples fine-tuning and linear evaluation may use (paper section 3)."""
+
+    label_fraction: Optional[float] = _opt(None, "Fraction of each class that is labelled (0.01 = 1 %).")
+    labels_per_class: Optional[int] = _opt(None, "Exact number of labelled images per class (overrides --label-fraction).")
+    label_file: Optional[str] = _opt(None, "File of image ids to use as labels (official ImageNet 1percent.txt format).")
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: task-agnostic contrastive pretraining (paper section 2, Figure 3 left)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    temperature: float = _opt(0.1, "NT-Xent temperature (paper: 0.1).")
+    hidden_norm: bool = _opt(True, "L2-normalise projections before the contrastive loss.")
+    lineareval_while_pretraining: bool = _opt(True, "Train a linear head on stop-gradient features and report it (official).")
+    use_memory: bool = _opt(False, "MoCo-style memory: momentum encoder and a queue of negatives (paper appendix D).")
+    memory_size: int = _opt(65536, "Number of negatives kept in the memory queue.")
+    memory_momentum: float = _opt(0.999, "EMA decay of the momentum encoder.")
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: supervised fine-tuning on few labels from a middle head layer (paper section 2)."""
+
+    checkpoint: Optional[str] = _opt(None, "Pretrained checkpoint (a .pt file or a run folder); none trains the --resnet-depth/... model from scratch (supervised baseline).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        learning_rate=0.005, learning_rate_scaling="sqrt", warmup_epochs=0.0, weight_decay=0.0,
+        train_batch_size=1024, train_epochs=60.0))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    labels: LabelConfig = field(default_factory=lambda: LabelConfig(label_fraction=0.01))
+    ft_proj_selector: Optional[int] = _opt(None, "Head layer to fine-tune from; default: the checkpoint's (paper: 1).")
+    fine_tune_after_block: int = _opt(-1, "-1 trains everything; k in 0..4 freezes the stem (0) and block groups up to k.")
+    zero_init_logits_layer: bool = _opt(True, "Start the classifier from zero weights (official fine-tuning setting).")
+
+
+@dataclass
+class StudentConfig:
+    """Student architecture for distillation; every unset option copies the teacher (self-distillation)."""
+
+    resnet_depth: Optional[int] = _opt(None, "Student ResNet depth (default: the teacher's).")
+    width_multiplier: Optional[float] = _opt(None, "Student width multiplier (default: the teacher's).")
+    sk_ratio: Optional[float] = _opt(None, "Student SK ratio (default: the teacher's).")
+    num_proj_layers: Optional[int] = _opt(None, "Student projection-head depth (default: the teacher's).")
+    ft_proj_selector: Optional[int] = _opt(None, "Student head layer under the classifier (default: the teacher's).")
+
+
+@dataclass
+class DistillConfig:
+    """Stage 3: distillation with unlabeled data (paper section 2, equations 2-3)."""
+
+    checkpoint: Optional[str] = _opt(None, "Fine-tuned teacher checkpoint (a .pt file or a run folder).")
+    student: StudentConfig = field(default_factory=lambda: StudentConfig())
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(train_epochs=400.0))
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    labels: LabelConfig = field(default_factory=lambda: LabelConfig(label_fraction=0.01))
+    distill_temperature: float = _opt(1.0, "Temperature tau of the teacher and student softmax (paper: 1).")
+    distill_alpha: float = _opt(1.0, "Weight of the distillation loss; 1 - alpha goes to the labelled cross-entropy (paper default: 1).")
+
+
+@dataclass
+class LinearEvalConfig:
+    """Linear evaluation: a linear classifier on frozen features (official README)."""
+
+    checkpoint: Optional[str] = _opt(None, "Checkpoint whose encoder is evaluated (a .pt file or a run folder).")
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        optimizer="momentum", learning_rate=0.1, learning_rate_scaling="linear", warmup_epochs=0.0,
+        weight_decay=0.0, train_batch_size=512, train_epochs=90.0))
+    runtime: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(global_bn=False))
+    labels: LabelConfig = field(default_factory=lambda: LabelConfig(label_fraction=1.0))
+    ft_proj_selector: int = _opt(0, "Features to evaluate: 0 = encoder output, k = after head layer k.")
+
+
+@dataclass
+class EvaluateConfig:
+    """Top-1 / top-5 accuracy of a checkpoint on a labelled split."""
+
+    checkpoint: Optional[str] = _opt(None, "Checkpoint to evaluate (a .pt file or a run folder).")
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """Pretrain -> fine-tune -> distill, a supervised baseline, and a report (paper Figure 3)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    label_fractions: list = _opt([0.01, 0.1], "Fractions of the training set that are labelled, one column of the report each.")
+    labels_per_class: list = _opt([], "Exact labelled counts per class, reported as their fraction of the training set.")
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    linear_eval: LinearEvalConfig = field(default_factory=LinearEvalConfig)
+    baseline: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "distill": DistillConfig,
+    "linear-eval": LinearEvalConfig,
+    "evaluate": EvaluateConfig,
+    "pipeline": PipelineConfig,
+}
+
+# Sections whose flags carry no prefix: ``--train-batch-size`` rather than ``--optim.train-batch-size``.
+FLAT_SECTIONS = {"model", "data", "optim", "runtime", "labels"}
+# Inside the pipeline these come from the pipeline itself, so its stages get no flags for them
+# (nor do fine-tuning's and the baseline's architectures, which follow pretraining's).
+PIPELINE_DERIVED = {"data", "runtime", "labels", "checkpoint"}
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: the paper's ImageNet recipe is the dataclass default; these scale it to other data.
+# --------------------------------------------------------------------------------------------
+
+_EMBEDDED_MODEL = {"resnet_depth": 18, "width_multiplier": 0.25, "sk_ratio": 0.0, "cifar_stem": True}
+_EMBEDDED_RUNTIME = {"checkpoint_steps": 200, "log_every_steps": 10}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "imagenet": {},
+    # Scratch-calibrated on 2 CPU cores: a 1.2 M-parameter ResNet-18 at width 0.25 on 28 px
+    # Fashion-MNIST; the whole pipeline runs in minutes (see README, results).
+    "embedded": {
+        "pretrain": {
+            "model": _EMBEDDED_MODEL, "temperature": 0.2, "runtime": _EMBEDDED_RUNTIME,
+            "optim": {"train_batch_size": 256, "train_epochs": 7, "learning_rate": 0.075,
+                      "learning_rate_scaling": "sqrt", "warmup_epochs": 0.5, "weight_decay": 1e-4},
+        },
+        "finetune": {
+            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME,
+            "optim": {"train_batch_size": 64, "train_epochs": 60, "learning_rate": 0.005,
+                      "learning_rate_scaling": "sqrt", "warmup_epochs": 0, "weight_decay": 0.0},
+        },
+        "baseline": {
+            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME,
+            "optim": {"train_batch_size": 64, "train_epochs": 60, "learning_rate": 0.05,
+                      "learning_rate_scaling": "sqrt", "warmup_epochs": 0, "weight_decay": 1e-4},
+        },
+        "distill": {
+            "runtime": _EMBEDDED_RUNTIME,
+            "optim": {"train_batch_size": 256, "train_epochs": 2, "learning_rate": 0.075,
+                      "learning_rate_scaling": "sqrt", "warmup_epochs": 0.1, "weight_decay": 1e-4},
+        },
+        "linear-eval": {
+            "runtime": _EMBEDDED_RUNTIME,
+            "optim": {"train_batch_size": 256, "train_epochs": 20, "learning_rate": 0.1,
+                      "learning_rate_scaling": "linear", "warmup_epochs": 0, "weight_decay": 0.0},
+        },
+    },
+    # Paper appendix B.9 (CIFAR-10): ResNet-50 with the CIFAR stem, batch 1024, T = 0.5, s = 0.5.
+    "cifar": {
+        "pretrain": {
+            "model": {"cifar_stem": True}, "temperature": 0.5, "data": {"color_jitter_strength": 0.5},
+            "optim": {"train_batch_size": 1024, "train_epochs": 800, "learning_rate": 1.0,
+                      "learning_rate_scaling": "linear", "weight_decay": 1e-6},
+        },
+    },
+}
+
+DATASET_PRESET = {"embedded": "embedded", "fashion_mnist": "embedded", "cifar10": "cifar", "cifar100": "cifar"}
+
+
+def preset_overrides(preset: str, stage: str, dataset: str) -> dict[str, Any]:
+    """Overrides a preset makes to one stage's config (``auto`` picks the dataset's preset)."""
+    if preset == "auto":
+        preset = DATASET_PRESET.get(dataset, "imagenet")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose auto or one of {sorted(PRESETS)}")
+    table = PRESETS[preset]
+    if stage == "pipeline":
+        stages = {name: table.get(name.replace("_", "-"), {}) for name in
+                  ("pretrain", "finetune", "distill", "linear_eval", "baseline")}
+        runtime = table.get("pretrain", {}).get("runtime", {})
+        return {**stages, "runtime": runtime} if runtime else stages
+    return table.get(stage, {})
+
+
+# --------------------------------------------------------------------------------------------
+# Converting between dataclasses, dicts, files and flags.
+# --------------------------------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
+    """Apply nested ``overrides`` to the dataclass ``cfg`` in place; unknown keys are errors."""
+    types = _field_types(type(cfg))
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise ConfigError(f"{where or 'config'}: unknown option {key!r}; known: {sorted(types)}")
+        if _is_config(types[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a section (mapping), got {value!r}")
+            merge(getattr(cfg, name), value, f"{where}{key}.")
+        else:
+            setattr(cfg, name, _coerce(value, types[name], f"{where}{key}"))
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if value is None:
+        raise ConfigError(f"--{name.replace('_', '-')}: a value is required")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return lowered in {"true", "1", "yes"}
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if tp is list or typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                return [float(v) if "." in v or "e" in v else int(v) for v in value.split(",") if v]
+            return list(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a nested JSON or YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file {path} does not exist")
+    text = p.read_text()
+    if p.suffix in {".yaml", ".yml"}:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("--config: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of options")
+    return data
+
+
+def _walk_flags(cls: type, prefix: str = "", path: tuple[str, ...] = ()):
+    """Yield ``(flag, path, type, default, help)`` for every leaf option of a config class."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if prefix and (f.name in PIPELINE_DERIVED or (cls is FinetuneConfig and f.name == "model")):
+            continue
+        if _is_config(tp):
+            sub_prefix = prefix if f.name in FLAT_SECTIONS else f"{prefix}{f.name.replace('_', '-')}."
+            for item in _walk_flags(tp, sub_prefix, path + (f.name,)):
+                yield item
+        else:
+            yield (f"--{prefix}{f.name.replace('_', '-')}", path + (f.name,), tp,
+                   getattr(defaults, f.name), f.metadata.get("help", ""))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per config option; values stay ``None`` unless given."""
+    parser.add_argument("--config", default=None, help="JSON or YAML file of options, nested like the saved config.json.")
+    parser.add_argument("--preset", default="auto", help=f"Defaults scaled to the data: auto (from --dataset) or one of {sorted(PRESETS)}.")
+    seen: set[str] = set()
+    for flag, path, tp, default, help_text in _walk_flags(cls):
+        if flag in seen:
+            continue
+        seen.add(flag)
+        parser.add_argument(flag, dest="cfg:" + ".".join(path), default=None, metavar=_metavar(tp),
+                            help=f"{help_text} (default: {default})")
+
+
+def _metavar(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", list: "LIST"}.get(tp, "VALUE")
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:") or value is None:
+            continue
+        keys = dest[4:].split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return nested
+
+
+def _flagged_dataset(args: argparse.Namespace, file_values: dict[str, Any]) -> str:
+    dataset = vars(args).get("cfg:data.dataset")
+    if dataset is None:
+        dataset = file_values.get("data", {}).get("dataset", DataConfig().dataset)
+    return dataset
+
+
+def resolve(stage: str, args: argparse.Namespace) -> Any:
+    """Build a stage's config: defaults, then preset, then ``--config`` file, then flags."""
+    cls = STAGE_CONFIGS[stage]
+    cfg = cls()
+    file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
+    merge(cfg, file_values)
+    merge(cfg, _flag_overrides(args))
+    return cfg
+
+
+def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = "auto") -> Any:
+    """Python entry point: a stage config from nested ``overrides`` on top of the preset."""
+    cls = STAGE_CONFIGS[stage]
+    cfg = cls()
+    overrides = overrides or {}
+    dataset = overrides.get("data", {}).get("dataset", DataConfig().dataset)
+    merge(cfg, preset_overrides(preset, stage, dataset))
+    merge(cfg, overrides)
+    return cfg
+
+
+def save_config(cfg: Any, run_dir: Path) -> Path:
+    """Write the resolved config as ``config.json`` beside the run's outputs."""
+    path = Path(run_dir) / "config.json"
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    return path

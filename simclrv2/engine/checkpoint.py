@@ -1,0 +1,168 @@
+"""Checkpoints: atomic writes, keep-last-K rotation, safe loading and corrupt-file fallback.
+
+Format (``FORMAT_VERSION`` 1), a dict of tensors and plain Python values only, so that it loads
+with ``torch.load(path, weights_only=True)``:
+
+``format_version``  int
+``stage``           "pretrain" | "finetune" | "distill" | "linear-eval"
+``model``           the model's ``state_dict`` (no DDP/compile prefixes)
+``model_config``    architecture needed to rebuild the model (``build_simclrv2_model`` kwargs + mode)
+``config``          the run's resolved configuration
+``optimizer``       optimiser state, ``step``/``epoch``/``batch_in_epoch`` the position reached
+``rng``             Python, NumPy, torch and CUDA generator states
+``state``           other state dicts (EMA model, memory queue, augmentation generator, ...)
+``metrics``         the last logged metrics
+
+Files: ``checkpoints/ckpt-<step>.pt``, the newest also reachable as ``checkpoints/last.pt`` (a
+symbolic link, or a copy where links are not supported).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LAST_NAME = "last.pt"
+_STEP_FILE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the requested model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _point_last(ckpt_dir: Path, target: Path) -> None:
+    """Make ``last.pt`` name ``target`` atomically (a relative symlink, else a copy)."""
+    last = ckpt_dir / LAST_NAME
+    tmp = ckpt_dir / f".{LAST_NAME}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        os.symlink(target.name, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, last)
+    _fsync_dir(ckpt_dir)
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoints in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically, point ``last.pt`` at it and keep the newest ``keep``."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    path = ckpt_dir / f"ckpt-{step:09d}.pt"
+    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    _point_last(ckpt_dir, path)
+    for old in step_checkpoints(ckpt_dir)[:-max(keep, 1)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) and check its format version."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint a .pt file or a run folder")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated, corrupt or unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {path} safely: {first}") from err
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"{path} is not a simclrv2 checkpoint (no 'model' entry)")
+    version = obj.get("format_version")
+    if version is None or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}; this simclrv2 reads up to {FORMAT_VERSION}")
+    return obj
+
+
+def latest_valid_checkpoint(run_dir: Path, map_location: Any = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
+    """Newest loadable step checkpoint in ``run_dir``; corrupt newer ones are skipped with a warning."""
+    for path in reversed(step_checkpoints(Path(run_dir) / CHECKPOINT_DIR)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            warnings.warn(f"skipping unreadable checkpoint {path.name}: {err}; falling back to the previous one")
+    return None
+
+
+def resolve_checkpoint(path_or_run_dir: str) -> Path:
+    """A ``.pt`` file as given, or a run folder's newest valid checkpoint."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        found = latest_valid_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run folder {path} holds no valid checkpoint under {CHECKPOINT_DIR}/")
+        return found[0]
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path} does not exist; pass a .pt file or a run folder")
+    return path
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states as checkpoint-safe values."""
+    version, py_state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

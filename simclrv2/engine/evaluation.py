@@ -1,0 +1,62 @@
+"""Top-1 / top-5 accuracy and feature extraction, exact under data parallelism.
+
+Every rank evaluates its own shard (shards partition the split without padding) and the counts
+are summed over ranks, so each example is counted exactly once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from simclrv2 import distributed as dist
+from simclrv2.engine.runtime import Runtime, to_device_images
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of examples whose label is among the top-k logits, for each k (k capped at C)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
+                        rt: Runtime, preprocess: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of ``logits_fn`` over labelled ``batches``."""
+    counts = torch.zeros(3, dtype=torch.float64)
+    for images, labels in batches:
+        x = to_device_images(preprocess(images.to(rt.device)), rt)
+        with rt.autocast():
+            logits = logits_fn(x)
+        top1, top5 = topk_correct(logits.float(), labels.to(logits.device))
+        counts += torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64)
+    if dist.world_size() > 1:
+        counts = counts.to(rt.device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    top1, top5, total = counts.tolist()
+    if total == 0:
+        raise ValueError("evaluation split is empty")
+    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "num_examples": int(total)}
+
+
+@torch.no_grad()
+def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, rt: Runtime,
+                     preprocess: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Features (float32, on the CPU) and labels of every batch, in order."""
+    feats, labels = [], []
+    for images, y in batches:
+        x = to_device_images(preprocess(images.to(rt.device)), rt)
+        with rt.autocast():
+            feats.append(feature_fn(x).float().cpu())
+        if y is not None:
+            labels.append(y.cpu())
+    return torch.cat(feats), (torch.cat(labels) if labels else None)
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """Put a model in inference mode and return it (for chaining)."""
+    model.eval()
+    return model

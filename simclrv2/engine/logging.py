@@ -1,0 +1,68 @@
+"""Metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends ``{"kind": "step"|"epoch"|..., "step": N, ...}`` records; no-op off the main rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3),
+                  **{k: _plain(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return record
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in {"kind", "step", "time"} and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+        return record
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl`` (optionally only one kind); a torn last line is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
+    return records

@@ -1,0 +1,155 @@
+"""Devices, threads, precision and model wrapping (SyncBN, channels-last, DDP, compile)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from simclrv2 import distributed as dist
+from simclrv2.config import ConfigError, RuntimeConfig
+
+
+@dataclass
+class Runtime:
+    """What a stage needs to know about where and how it runs."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype]  # autocast dtype, None for float32
+    channels_last: bool
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for the forward pass; losses cast to float32 themselves."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """A gradient scaler for fp16 on CUDA; bf16 and fp32 need none."""
+        if self.dtype is torch.float16:
+            return torch.amp.GradScaler("cuda")
+        return None
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: unsupported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _pick_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        return torch.float16
+    raise ConfigError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_threads() -> int:
+    """Usable cores; one thread per core avoids the heavy slow-down of oversubscribed OpenMP."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(local, 1))
+
+
+def setup_runtime(cfg: RuntimeConfig) -> Runtime:
+    """Initialise distributed training (under torchrun), threads, seeds, device and precision."""
+    rank, local_rank, world = dist.init_distributed()
+    torch.set_num_threads(cfg.num_threads or default_threads())
+    device = _pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(cfg.seed + rank)
+    channels_last = True if cfg.channels_last is None else cfg.channels_last
+    return Runtime(device, _pick_dtype(cfg.precision, device), channels_last, rank, world)
+
+
+def prepare_model(model: nn.Module, rt: Runtime, global_bn: bool, compile_model: bool) -> nn.Module:
+    """Move to the device, convert to SyncBN (global BN) and wrap in DDP when distributed."""
+    if global_bn and rt.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if rt.world_size > 1 and any(p.requires_grad for p in model.parameters()):
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def to_device_images(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Images as the model wants them: on the device and channels-last when enabled."""
+    images = images.to(rt.device, non_blocking=True)
+    if rt.channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def barrier() -> None:
+    if dist.world_size() > 1:
+        torch.distributed.barrier()
+
+
+def describe(rt: Runtime) -> dict[str, Any]:
+    return {"device": str(rt.device), "precision": str(rt.dtype or torch.float32).replace("torch.", ""),
+            "channels_last": rt.channels_last, "world_size": rt.world_size, "threads": torch.get_num_threads()}

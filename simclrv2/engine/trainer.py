@@ -1,0 +1,258 @@
+"""The one training loop that every stage shares.
+
+A stage describes its work as a :class:`TrainTask` (model, optimiser, batches, a step function
+returning the loss, optional hooks) and :func:`train` runs it: learning-rate schedule, mixed
+precision, non-finite checks, logging, progress bar, checkpoints every N steps and at each epoch
+end, exact resume, and a clean checkpoint-and-exit on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from simclrv2 import distributed as dist
+from simclrv2.config import RuntimeConfig
+from simclrv2.engine.checkpoint import capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
+from simclrv2.engine.logging import MetricsLogger
+from simclrv2.engine.runtime import Runtime, unwrap
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun the command to resume
+EXIT_NONFINITE = 3
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early; ``exit_code`` tells the shell why."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainingStopped):
+    exit_code = EXIT_INTERRUPTED
+
+
+class NonFiniteLoss(TrainingStopped):
+    exit_code = EXIT_NONFINITE
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class GeneratorState:
+    """Lets a ``torch.Generator`` (augmentation randomness) travel in checkpoints."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class BatchSource(Protocol):
+    """Batches in a fixed order per epoch, restartable at a batch index (see ``simclrv2.data``)."""
+
+    start_batch: int
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self): ...
+
+
+@dataclass
+class TrainTask:
+    """Everything the loop needs from a stage."""
+
+    stage: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: BatchSource
+    step_fn: Callable[[Any, int], tuple[torch.Tensor, dict[str, Any]]]
+    lr_fn: Callable[[int], float]
+    total_steps: int
+    images_per_step: int
+    checkpoint_meta: dict[str, Any]
+    after_step: Optional[Callable[[int], None]] = None
+    end_of_epoch: Optional[Callable[[int], dict[str, Any]]] = None
+    stateful: dict[str, Stateful] = field(default_factory=dict)
+    trainable_parameters: Optional[list[nn.Parameter]] = None
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _agree(flags: list[bool], rt: Runtime) -> list[bool]:
+    """OR each flag over all ranks, so every rank takes the same branch."""
+    if rt.world_size == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    torch.distributed.all_reduce(t)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: int,
+                      metrics: dict[str, Any], scaler: Optional[torch.amp.GradScaler]) -> dict[str, Any]:
+    state = {name: obj.state_dict() for name, obj in task.stateful.items()}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    return {
+        **task.checkpoint_meta,
+        "stage": task.stage,
+        "model": unwrap(task.model).state_dict(),
+        "optimizer": task.optimizer.state_dict(),
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "rng": capture_rng(), "state": state,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }
+
+
+def _resume(task: TrainTask, run_dir: Path, rt: Runtime, scaler: Optional[torch.amp.GradScaler]) -> tuple[int, int, int]:
+    found = latest_valid_checkpoint(run_dir, map_location=rt.device)
+    if found is None:
+        return 0, 0, 0
+    path, ckpt = found
+    if ckpt.get("stage") != task.stage:
+        raise ValueError(f"{path} is a {ckpt.get('stage')} checkpoint but this is a {task.stage} run; "
+                         "use another --run-dir")
+    unwrap(task.model).load_state_dict(ckpt["model"])
+    task.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, obj in task.stateful.items():
+        obj.load_state_dict(ckpt["state"][name])
+    if scaler is not None and "grad_scaler" in ckpt["state"]:
+        scaler.load_state_dict(ckpt["state"]["grad_scaler"])
+    restore_rng(ckpt["rng"])
+    if rt.is_main:
+        print(f"resuming {task.stage} from {path} (step {ckpt['step']})")
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+
+
+def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
+    """Run ``task`` to ``task.total_steps`` (or ``cfg.max_steps``) and return the last metrics."""
+    run_dir = Path(run_dir)
+    logger = MetricsLogger(run_dir, enabled=rt.is_main)
+    scaler = rt.grad_scaler()
+    step, epoch, batch_in_epoch = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0)
+    stop_at = min(task.total_steps, cfg.max_steps) if cfg.max_steps else task.total_steps
+    steps_per_epoch = len(task.batches)
+    params = task.trainable_parameters or [p for p in task.model.parameters() if p.requires_grad]
+    last: dict[str, Any] = {}
+    skipped = 0
+    bar = _progress(stop_at, step, cfg.progress and rt.is_main, task.stage)
+    window_start, window_images = time.perf_counter(), 0
+
+    def save() -> None:
+        if rt.is_main:
+            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, scaler),
+                            step, cfg.keep_checkpoint_max)
+
+    task.model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < stop_at:
+                task.batches.set_epoch(epoch)
+                task.batches.start_batch = batch_in_epoch
+                for batch in task.batches:
+                    lr = task.lr_fn(step)
+                    for group in task.optimizer.param_groups:
+                        group["lr"] = lr
+                    with rt.autocast():
+                        loss, metrics = task.step_fn(batch, step)
+                    nonfinite, stopping = _agree([not bool(torch.isfinite(loss)), stop.signal is not None], rt)
+                    if nonfinite:
+                        if cfg.on_nonfinite != "skip":
+                            raise NonFiniteLoss(
+                                f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
+                                f"kept in {run_dir / 'checkpoints'}. Lower --learning-rate, or use "
+                                "--on-nonfinite skip to skip such steps")
+                        skipped += 1
+                        task.optimizer.zero_grad(set_to_none=True)
+                    else:
+                        task.optimizer.zero_grad(set_to_none=True)
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                            scaler.step(task.optimizer)
+                            scaler.update()
+                        else:
+                            loss.backward()
+                            task.optimizer.step()
+                        if task.after_step is not None:
+                            task.after_step(step)
+                    step += 1
+                    batch_in_epoch += 1
+                    window_images += task.images_per_step
+                    if bar is not None:
+                        bar.update(1)
+                    if step % cfg.log_every_steps == 0 or step == stop_at:
+                        elapsed = time.perf_counter() - window_start
+                        last = logger.log("step", step, {
+                            "epoch": epoch, "loss": loss.detach().float(), "learning_rate": lr,
+                            "images_per_s": window_images / max(elapsed, 1e-9), "skipped_steps": skipped,
+                            **{k: v.detach().float() if torch.is_tensor(v) else v for k, v in metrics.items()}})
+                        window_start, window_images = time.perf_counter(), 0
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
+                    if stopping:
+                        save()
+                        raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
+                                          f"{run_dir / 'checkpoints'}; rerun the same command to resume")
+                    if step % cfg.checkpoint_steps == 0 and batch_in_epoch < steps_per_epoch:
+                        save()
+                    if step >= stop_at:
+                        break
+                if batch_in_epoch >= steps_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                    if task.end_of_epoch is not None:
+                        epoch_metrics = task.end_of_epoch(epoch)
+                        last = {**last, **logger.log("epoch", step, {"epoch": epoch, **epoch_metrics})}
+                        task.model.train()
+                    save()
+            if batch_in_epoch:
+                save()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return {**last, "step": step, "epoch": epoch, "skipped_steps": skipped}
+
+
+def all_ranks_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity in one process)."""
+    if dist.world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value

@@ -1,0 +1,280 @@
+"""Pieces the stages share: run folders, data, optimisers, schedules and checkpointed models."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from simclrv2 import data as D
+from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, save_config
+from simclrv2.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from simclrv2.engine.runtime import Runtime
+from simclrv2.models import SimCLRv2Model, build_simclrv2_model
+from simclrv2.optim import LARS, lars_param_groups, num_train_steps, warmup_cosine_lr
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
+    """The run folder (``runs/<stage>-<time>`` by default), created on the main rank."""
+    if runtime.run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        runtime.run_dir = str(Path("runs") / f"{stage}-{stamp}")
+        if rt.is_main:
+            print(f"writing to {runtime.run_dir}")
+    path = Path(runtime.run_dir)
+    if rt.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
+    """Create the run folder and save the resolved config beside the outputs."""
+    run_dir = make_run_dir(cfg.runtime, stage, rt)
+    if rt.is_main:
+        save_config(cfg, run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def validate_common(optim: Optional[OptimConfig], runtime: RuntimeConfig, rt: Runtime) -> None:
+    """Reject impossible settings before any work starts (one line, naming the option)."""
+    if optim is not None:
+        if optim.train_batch_size <= 0:
+            raise ConfigError(f"--train-batch-size must be positive, got {optim.train_batch_size}")
+        if optim.train_batch_size < rt.world_size:
+            raise ConfigError(f"--train-batch-size {optim.train_batch_size} is smaller than the "
+                              f"{rt.world_size} processes; give each process at least one image")
+        if optim.train_batch_size % rt.world_size:
+            raise ConfigError(f"--train-batch-size {optim.train_batch_size} must be divisible by the "
+                              f"{rt.world_size} processes")
+        if optim.learning_rate <= 0:
+            raise ConfigError(f"--learning-rate must be positive, got {optim.learning_rate}")
+        if optim.learning_rate_scaling not in {"linear", "sqrt"}:
+            raise ConfigError(f"--learning-rate-scaling must be linear or sqrt, got {optim.learning_rate_scaling!r}")
+        if optim.optimizer not in {"lars", "momentum", "adam"}:
+            raise ConfigError(f"--optimizer must be lars, momentum or adam, got {optim.optimizer!r}")
+        if optim.train_epochs <= 0 and optim.train_steps <= 0:
+            raise ConfigError("--train-epochs or --train-steps must be positive")
+        if optim.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {optim.weight_decay}")
+    if runtime.on_nonfinite not in {"stop", "skip"}:
+        raise ConfigError(f"--on-nonfinite must be stop or skip, got {runtime.on_nonfinite!r}")
+    if runtime.checkpoint_steps <= 0 or runtime.log_every_steps <= 0:
+        raise ConfigError("--checkpoint-steps and --log-every-steps must be positive")
+    if runtime.max_steps is not None and runtime.max_steps <= 0:
+        raise ConfigError(f"--max-steps must be positive, got {runtime.max_steps}")
+
+
+def validate_model(model: ModelConfig) -> None:
+    from simclrv2.models import RESNET_SPECS
+
+    if model.resnet_depth not in RESNET_SPECS:
+        raise ConfigError(f"--resnet-depth {model.resnet_depth} is not supported; choose one of {sorted(RESNET_SPECS)}")
+    if model.width_multiplier <= 0:
+        raise ConfigError(f"--width-multiplier must be positive, got {model.width_multiplier}")
+    if model.sk_ratio < 0:
+        raise ConfigError(f"--sk-ratio must be >= 0, got {model.sk_ratio}")
+    if model.num_proj_layers < 0 or model.proj_out_dim <= 0:
+        raise ConfigError("--num-proj-layers must be >= 0 and --proj-out-dim positive")
+    validate_selector(model.ft_proj_selector, model.num_proj_layers)
+
+
+def validate_selector(selector: int, num_proj_layers: int) -> None:
+    if not -1 <= selector <= num_proj_layers:
+        raise ConfigError(f"--ft-proj-selector {selector} is outside the head: use -1 or 0..{num_proj_layers} "
+                          f"(the head has --num-proj-layers {num_proj_layers})")
+
+
+def fit_batch_to_data(optim: OptimConfig, num_examples: int, rt: Runtime) -> None:
+    """Shrink the batch to the data when a small labelled subset holds fewer images than one batch."""
+    largest = (num_examples // rt.world_size) * rt.world_size
+    if largest == 0:
+        raise ConfigError(f"only {num_examples} labelled images for {rt.world_size} processes; "
+                          "raise --label-fraction or --labels-per-class")
+    if optim.train_batch_size > largest:
+        if rt.is_main:
+            print(f"note: --train-batch-size {optim.train_batch_size} exceeds the {num_examples} training images; "
+                  f"using {largest}")
+        optim.train_batch_size = largest
+
+
+def local_batch_size(optim: OptimConfig, rt: Runtime) -> int:
+    return optim.train_batch_size // rt.world_size
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def image_size_of(data: DataConfig, dataset: D.TensorImageDataset | Any) -> int:
+    """Configured image size, else the dataset's native size."""
+    if data.image_size is not None:
+        if data.image_size <= 0:
+            raise ConfigError(f"--image-size must be positive, got {data.image_size}")
+        return data.image_size
+    return D.native_image_size(dataset)
+
+
+def load_split(data: DataConfig, split: str, image_size: Optional[int] = None):
+    return D.build_dataset(data.dataset, data.data_dir, split, image_size=image_size,
+                           skip_bad_images=data.skip_bad_images)
+
+
+def take_subset(dataset, data: DataConfig, seed: int):
+    """``--subset N``: N training images chosen by a seeded shuffle (for quick trials)."""
+    if data.subset is None:
+        return dataset
+    if data.subset <= 0:
+        raise ConfigError(f"--subset must be positive, got {data.subset}")
+    n = min(data.subset, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.subset(order.sort().values)
+
+
+def labelled_indices(labels_cfg: LabelConfig, dataset, seed: int) -> torch.Tensor:
+    """Indices of the labelled examples: a file of ids, a per-class count or a class-balanced fraction."""
+    if dataset.labels is None:
+        raise ConfigError(f"dataset {dataset.name!r} has no labels for this split; choose a labelled split")
+    if labels_cfg.label_file:
+        return D.read_subset_file(labels_cfg.label_file, D.image_ids(dataset))
+    if labels_cfg.labels_per_class is not None:
+        return D.label_subset(dataset.labels, per_class=labels_cfg.labels_per_class, seed=seed)
+    fraction = 1.0 if labels_cfg.label_fraction is None else labels_cfg.label_fraction
+    if fraction >= 1.0:
+        return torch.arange(len(dataset))
+    return D.label_subset(dataset.labels, fraction=fraction, seed=seed)
+
+
+def describe_labels(labels_cfg: LabelConfig) -> str:
+    if labels_cfg.label_file:
+        return f"ids in {labels_cfg.label_file}"
+    if labels_cfg.labels_per_class is not None:
+        return f"{labels_cfg.labels_per_class} per class"
+    return f"{100 * (labels_cfg.label_fraction or 1.0):g} %"
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """LARS as the official code sets it up, or SGD-Nesterov / Adam (official ``build_optimizer``)."""
+    groups = lars_param_groups(model, optim.weight_decay)
+    if optim.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    # Other optimisers decay every weight except batch-norm ones (official ``add_weight_decay``).
+    params = [p for p in model.parameters() if p.requires_grad]
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              for p in m.parameters(recurse=False)}
+    decay = [p for p in params if id(p) not in bn_ids]
+    no_decay = [p for p in params if id(p) in bn_ids]
+    grouped = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim.optimizer == "momentum":
+        return torch.optim.SGD(grouped, lr=0.0, momentum=optim.momentum, nesterov=True)
+    return torch.optim.Adam(grouped, lr=0.0)
+
+
+def make_schedule(optim: OptimConfig, num_examples: int) -> tuple[Any, int]:
+    """(step -> learning rate, total steps) for the official warm-up + cosine schedule."""
+    epochs = optim.train_epochs
+    total = num_train_steps(num_examples, epochs, optim.train_batch_size, optim.train_steps)
+
+    def lr_fn(step: int) -> float:
+        return warmup_cosine_lr(step, optim.learning_rate, optim.train_batch_size, num_examples, epochs,
+                                optim.warmup_epochs, optim.learning_rate_scaling, total_steps=total)
+    return lr_fn, total
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def model_kwargs(model: ModelConfig, image_size: int, num_classes: Optional[int]) -> dict[str, Any]:
+    """``build_simclrv2_model`` keyword arguments for a model config (CIFAR stem at <= 32 px)."""
+    cifar_stem = image_size <= 32 if model.cifar_stem is None else model.cifar_stem
+    return {"depth": model.resnet_depth, "width_multiplier": model.width_multiplier, "sk_ratio": model.sk_ratio,
+            "cifar_stem": cifar_stem, "num_proj_layers": model.num_proj_layers, "proj_out_dim": model.proj_out_dim,
+            "ft_proj_selector": model.ft_proj_selector, "num_classes": num_classes}
+
+
+def checkpoint_meta(kwargs: dict[str, Any], mode: str, cfg: Any, image_size: int, classes: Optional[list]) -> dict[str, Any]:
+    """What a checkpoint records to rebuild its model and know its data."""
+    return {"model_config": {**kwargs, "mode": mode}, "config": asdict(cfg),
+            "image_size": image_size, "classes": list(classes) if classes else None}
+
+
+def load_model(path_or_run: str, num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights (safely).
+
+    ``num_classes`` replaces the supervised head with a new one of that size (the checkpoint's own
+    head is then not loaded, as the official fine-tuning excludes ``head_supervised``).
+    """
+    path = resolve_checkpoint(path_or_run)
+    ckpt = load_checkpoint(path)
+    meta = dict(ckpt.get("model_config") or {})
+    if not meta:
+        raise CheckpointError(f"{path} has no model_config; was it written by simclrv2?")
+    mode = meta.pop("mode", "pretrain")
+    meta.pop("zero_init_logits", None)
+    state = ckpt["model"]
+    if num_classes is not None and num_classes != meta.get("num_classes"):
+        meta["num_classes"] = num_classes
+        state = {k: v for k, v in state.items() if not k.startswith("supervised_head.")}
+    model = build_simclrv2_model(**meta)
+    model.mode = mode
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("supervised_head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit its recorded architecture: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return model, ckpt
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An inference-only copy (teacher, momentum encoder start)."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def freeze_for_finetuning(model: SimCLRv2Model, fine_tune_after_block: int) -> None:
+    """Freeze what fine-tuning does not train (official ``fine_tune_after_block`` and selector).
+
+    -1 trains the whole network; 0 freezes the stem; k in 1..4 also freezes block groups 1..k.
+    Head layers above ``ft_proj_selector`` are unused in fine-tuning and frozen too.
+    """
+    if not -1 <= fine_tune_after_block <= 4:
+        raise ConfigError(f"--fine-tune-after-block must be in -1..4, got {fine_tune_after_block}")
+    encoder = model.encoder
+    frozen: list[nn.Module] = []
+    if fine_tune_after_block >= 0:
+        frozen.append(encoder.stem)
+    frozen += [getattr(encoder, f"layer{i}") for i in range(1, fine_tune_after_block + 1)]
+    head = model.projection_head
+    selector = head.num_layers if head.ft_proj_selector == -1 else head.ft_proj_selector
+    if fine_tune_after_block == 4:
+        frozen += list(head.layers[:selector])
+    frozen += list(head.layers[selector:])
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def labelled_loss_weight_decay(model: nn.Module, optim: OptimConfig) -> Any:
+    """The supervised head's L2 term that the official code adds to the loss under LARS."""
+    from simclrv2.optim import supervised_head_l2
+
+    if optim.optimizer != "lars" or optim.weight_decay == 0:
+        return 0.0
+    return supervised_head_l2(model, optim.weight_decay)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.floor(num_examples / batch_size))

@@ -1,0 +1,117 @@
+"""Stage 3: distillation with unlabeled data (paper section 2, equations 2-4).
+
+The fine-tuned teacher is frozen in eval mode; on each augmented unlabeled image it produces
+``P_T(y|x; tau)``, and the student (the teacher's architecture by default: self-distillation;
+or any smaller depth/width/SK) learns to match it. With ``--distill-alpha`` below 1, a batch of
+labelled images adds ``(1 - alpha)`` of the usual cross-entropy (paper equation 4).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simclrv2 import data as D
+from simclrv2.config import ConfigError, DistillConfig
+from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
+from simclrv2.engine.summary import print_summary
+from simclrv2.engine.trainer import GeneratorState, TrainTask, train
+from simclrv2.losses import distillation_loss
+from simclrv2.models import build_simclrv2_model
+from simclrv2.stages import common as C
+from simclrv2.stages.finetune import evaluate_model
+
+_STUDENT_KEYS = {"resnet_depth": "depth", "width_multiplier": "width_multiplier", "sk_ratio": "sk_ratio",
+                 "num_proj_layers": "num_proj_layers", "ft_proj_selector": "ft_proj_selector"}
+
+
+def student_kwargs(cfg: DistillConfig, teacher_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's architecture with the student options that were set."""
+    kwargs = {k: v for k, v in teacher_kwargs.items() if k != "mode"}
+    for option, key in _STUDENT_KEYS.items():
+        value = getattr(cfg.student, option)
+        if value is not None:
+            kwargs[key] = value
+    C.validate_selector(kwargs["ft_proj_selector"], kwargs["num_proj_layers"])
+    return kwargs
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    """Distill the teacher into the student, evaluate the student and return the metrics."""
+    if cfg.checkpoint is None:
+        raise ConfigError("--checkpoint is required: the fine-tuned teacher (a .pt file or a run folder)")
+    if cfg.distill_temperature <= 0:
+        raise ConfigError(f"--distill-temperature must be positive, got {cfg.distill_temperature}")
+    if not 0.0 <= cfg.distill_alpha <= 1.0:
+        raise ConfigError(f"--distill-alpha must be in [0, 1], got {cfg.distill_alpha}")
+    rt = setup_runtime(cfg.runtime)
+    C.validate_common(cfg.optim, cfg.runtime, rt)
+    teacher, teacher_ckpt = C.load_model(cfg.checkpoint)
+    if teacher.supervised_head is None:
+        raise ConfigError(f"--checkpoint {cfg.checkpoint} has no classifier; distill from a fine-tuned checkpoint")
+    teacher.mode = "finetune"
+    unlabeled = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data,
+                              cfg.runtime.seed)
+    image_size = C.image_size_of(cfg.data, unlabeled)
+    use_labels = cfg.distill_alpha < 1.0
+    labelled = None
+    if use_labels:
+        full = C.load_split(cfg.data, "train", cfg.data.image_size)
+        labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
+    num_classes = teacher.supervised_head.linear.out_features
+    run_dir = C.start_run(cfg, "distill", rt)
+
+    kwargs = student_kwargs(cfg, teacher_ckpt["model_config"])
+    kwargs["num_classes"] = num_classes
+    student = build_simclrv2_model(**kwargs)
+    student.mode = "finetune"
+    C.freeze_for_finetuning(student, -1)
+    teacher = C.frozen_copy(teacher).to(rt.device).eval()
+    if rt.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    net = prepare_model(student, rt, cfg.runtime.global_bn, cfg.runtime.compile)
+    optimizer = C.build_optimizer(student, cfg.optim)
+    lr_fn, total_steps = C.make_schedule(cfg.optim, len(unlabeled))
+    local_batch = C.local_batch_size(cfg.optim, rt)
+    batches = D.make_train_batches(unlabeled, local_batch, seed=cfg.runtime.seed, rank=rt.rank,
+                                   world_size=rt.world_size, device=rt.device, num_workers=cfg.data.num_workers,
+                                   image_size=image_size)
+    labelled_batches = None if labelled is None else D.StepIndexedBatches(D.make_train_batches(
+        labelled, min(local_batch, len(labelled) // rt.world_size), seed=cfg.runtime.seed + 1, rank=rt.rank,
+        world_size=rt.world_size, device=rt.device, num_workers=0, image_size=image_size))
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    augment = D.make_finetune_augment(image_size)
+    tau, alpha = cfg.distill_temperature, cfg.distill_alpha
+
+    def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, _ = batch
+        x = to_device_images(augment(images, generator), rt)
+        with torch.no_grad():
+            teacher_logits = teacher(x)[1]
+        student_logits = net(x)[1]
+        distill = distillation_loss(student_logits, teacher_logits, tau)
+        agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
+        metrics: dict[str, Any] = {"distill_loss": distill.detach(), "teacher_agreement": agreement}
+        loss = alpha * distill
+        if labelled_batches is not None:
+            l_images, l_labels = labelled_batches.batch_at(step)
+            l_logits = net(to_device_images(augment(l_images, generator), rt))[1]
+            sup = F.cross_entropy(l_logits.float(), l_labels.to(l_logits.device))
+            metrics["sup_loss"] = sup.detach()
+            loss = loss + (1.0 - alpha) * sup
+        return loss + C.labelled_loss_weight_decay(student, cfg.optim), metrics
+
+    task = TrainTask(
+        stage="distill", model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
+        total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
+        checkpoint_meta=C.checkpoint_meta(kwargs, "finetune", cfg, image_size, teacher_ckpt.get("classes")),
+        stateful={"augment_rng": GeneratorState(generator)})
+    metrics = train(task, rt, cfg.runtime, run_dir)
+    result = evaluate_model(net, cfg.data, image_size, rt)
+    metrics.update(result)
+    if rt.is_main:
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print_summary("distill", run_dir, metrics, describe(rt))
+    return {**metrics, "run_dir": str(run_dir)}

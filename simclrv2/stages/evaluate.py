@@ -1,0 +1,28 @@
+"""Top-1 / top-5 accuracy of any checkpoint with a classifier on a labelled split."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from simclrv2.config import ConfigError, EvaluateConfig
+from simclrv2.engine.runtime import prepare_model, setup_runtime
+from simclrv2.stages import common as C
+from simclrv2.stages.finetune import evaluate_model
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate ``--checkpoint`` on ``--eval-split``; prints and returns the accuracies."""
+    if cfg.checkpoint is None:
+        raise ConfigError("--checkpoint is required: a .pt file or a run folder")
+    rt = setup_runtime(cfg.runtime)
+    model, ckpt = C.load_model(cfg.checkpoint)
+    if model.supervised_head is None:
+        raise ConfigError(f"--checkpoint {cfg.checkpoint} has no classifier; evaluate a fine-tuned, distilled or "
+                          "linear-eval-while-pretraining checkpoint")
+    image_size = cfg.data.image_size or ckpt.get("image_size") or 224
+    net = prepare_model(model, rt, global_bn=False, compile_model=False)
+    result = evaluate_model(net, cfg.data, image_size, rt)
+    result = {"checkpoint": str(C.resolve_checkpoint(cfg.checkpoint)), "split": cfg.data.eval_split, **result}
+    if rt.is_main:
+        print(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,97 @@
+"""Stage 2: fine-tune on few labels from a middle layer of the projection head (paper section 2).
+
+The pretrained encoder and the first ``ft_proj_selector`` head layers (1 in the paper) become
+the network under a new, zero-initialised linear classifier; the whole network is trained on a
+class-balanced labelled subset with crop + flip augmentation only. Without ``--checkpoint`` the
+same recipe trains a randomly initialised network: the supervised-only baseline.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simclrv2 import data as D
+from simclrv2.config import FinetuneConfig
+from simclrv2.engine.evaluation import evaluate_classifier
+from simclrv2.engine.runtime import Runtime, describe, prepare_model, setup_runtime, to_device_images
+from simclrv2.engine.summary import print_summary
+from simclrv2.engine.trainer import GeneratorState, TrainTask, train
+from simclrv2.models import SimCLRv2Model, SupervisedHead, build_simclrv2_model
+from simclrv2.stages import common as C
+
+
+def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tuple[SimCLRv2Model, dict[str, Any]]:
+    """Pretrained network with a new classifier, or a fresh one for the supervised baseline."""
+    if cfg.checkpoint:
+        model, ckpt = C.load_model(cfg.checkpoint, num_classes=num_classes)
+        kwargs = {k: v for k, v in ckpt["model_config"].items() if k != "mode"}
+        if cfg.ft_proj_selector is not None:
+            C.validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
+            model.projection_head.ft_proj_selector = cfg.ft_proj_selector
+            model.supervised_head = SupervisedHead(model.projection_head.finetune_dim, num_classes)
+        kwargs.update(ft_proj_selector=model.projection_head.ft_proj_selector, num_classes=num_classes)
+    else:
+        C.validate_model(cfg.model)
+        if cfg.ft_proj_selector is not None:
+            cfg.model.ft_proj_selector = cfg.ft_proj_selector
+        kwargs = C.model_kwargs(cfg.model, image_size, num_classes)
+        model = build_simclrv2_model(**kwargs)
+    model.supervised_head.reset_parameters(zero_init=cfg.zero_init_logits_layer)
+    model.mode = "finetune"
+    C.freeze_for_finetuning(model, cfg.fine_tune_after_block)
+    return model, kwargs
+
+
+def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Runtime) -> dict[str, Any]:
+    """Top-1 / top-5 of ``net``'s logits on the configured evaluation split."""
+    eval_set = C.load_split(cfg_data, cfg_data.eval_split, image_size)
+    net.eval()
+    return evaluate_classifier(lambda x: net(x)[1], D.make_eval_batches(
+        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, D.make_eval_preprocess(image_size))
+
+
+def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
+    """Fine-tune (or train the baseline), evaluate on ``--eval-split`` and return the metrics."""
+    rt = setup_runtime(cfg.runtime)
+    C.validate_common(cfg.optim, cfg.runtime, rt)
+    full = C.take_subset(C.load_split(cfg.data, "train", cfg.data.image_size), cfg.data, cfg.runtime.seed)
+    labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
+    image_size = C.image_size_of(cfg.data, full)
+    C.fit_batch_to_data(cfg.optim, len(labelled), rt)
+    run_dir = C.start_run(cfg, stage, rt)
+
+    model, kwargs = _build_model(cfg, image_size, len(full.classes))
+    net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
+    optimizer = C.build_optimizer(model, cfg.optim)
+    lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
+    batches = D.make_train_batches(labelled, C.local_batch_size(cfg.optim, rt), seed=cfg.runtime.seed, rank=rt.rank,
+                                   world_size=rt.world_size, device=rt.device, num_workers=cfg.data.num_workers,
+                                   image_size=image_size)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    augment = D.make_finetune_augment(image_size)
+
+    def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, labels = batch
+        x = to_device_images(augment(images, generator), rt)
+        _, logits = net(x)
+        labels = labels.to(logits.device)
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.detach().argmax(1) == labels).float().mean()
+        return loss + C.labelled_loss_weight_decay(model, cfg.optim), {"sup_loss": loss.detach(), "sup_acc": acc}
+
+    task = TrainTask(
+        stage=stage, model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
+        total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
+        checkpoint_meta=C.checkpoint_meta(kwargs, "finetune", cfg, image_size, full.classes),
+        stateful={"augment_rng": GeneratorState(generator)})
+    metrics = train(task, rt, cfg.runtime, run_dir)
+    result = evaluate_model(net, cfg.data, image_size, rt)
+    metrics.update(result, num_labelled=len(labelled))
+    if rt.is_main:
+        (run_dir / "eval.json").write_text(json.dumps({**result, "num_labelled": len(labelled),
+                                                       "labels": C.describe_labels(cfg.labels)}, indent=2) + "\n")
+        print_summary(stage, run_dir, metrics, describe(rt))
+    return {**metrics, "run_dir": str(run_dir)}

@@ -1,0 +1,84 @@
+"""Linear evaluation: a linear classifier on frozen features (official README protocol).
+
+The frozen network's features (encoder output, or head layer ``--ft-proj-selector``) are
+computed once, without augmentation, for the labelled training images and the evaluation split;
+a zero-initialised linear layer is then trained on them with SGD-Nesterov (the official
+``--fine_tune_after_block=4 --optimizer=momentum`` recipe). Caching the features instead of
+re-augmenting every epoch makes the protocol cheap enough to run on a CPU; it is our choice and
+gives a slightly lower number than training through augmented views.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simclrv2 import data as D
+from simclrv2.config import LinearEvalConfig
+from simclrv2.engine.evaluation import evaluate_classifier, extract_features
+from simclrv2.engine.runtime import Runtime, describe, setup_runtime
+from simclrv2.engine.summary import print_summary
+from simclrv2.engine.trainer import TrainTask, train
+from simclrv2.models import SupervisedHead
+from simclrv2.stages import common as C
+
+
+def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int):
+    head = model.projection_head
+    return extract_features(lambda x: head.hidden_at(model.encoder(x), selector),
+                            D.make_eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt,
+                            D.make_eval_preprocess(image_size))
+
+
+def run(cfg: LinearEvalConfig) -> dict[str, Any]:
+    """Train and evaluate the linear classifier; return top-1/top-5 on ``--eval-split``."""
+    if cfg.checkpoint is None:
+        from simclrv2.config import ConfigError
+        raise ConfigError("--checkpoint is required: the pretrained model to evaluate (a .pt file or a run folder)")
+    rt = setup_runtime(cfg.runtime)
+    C.validate_common(cfg.optim, cfg.runtime, rt)
+    model, ckpt = C.load_model(cfg.checkpoint)
+    C.validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
+    full = C.take_subset(C.load_split(cfg.data, "train", cfg.data.image_size), cfg.data, cfg.runtime.seed)
+    labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
+    image_size = C.image_size_of(cfg.data, full)
+    C.fit_batch_to_data(cfg.optim, len(labelled), rt)
+    run_dir = C.start_run(cfg, "linear-eval", rt)
+
+    model = model.to(rt.device).eval()
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # Every rank trains the classifier on all features: it is tiny, and this keeps ranks in step.
+    one_rank = Runtime(rt.device, rt.dtype, rt.channels_last, 0, 1)
+    train_x, train_y = _features(model, cfg.ft_proj_selector, labelled, cfg.data.eval_batch_size, one_rank, image_size)
+    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
+    eval_x, eval_y = _features(model, cfg.ft_proj_selector, eval_set, cfg.data.eval_batch_size, one_rank, image_size)
+
+    classifier = SupervisedHead(train_x.shape[1], len(full.classes), zero_init=True).to(rt.device)
+    optimizer = C.build_optimizer(classifier, cfg.optim)
+    lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
+    batches = D.TensorBatches(train_x, train_y, cfg.optim.train_batch_size, seed=cfg.runtime.seed, device=rt.device)
+
+    def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = batch
+        logits = classifier(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, {"sup_acc": (logits.detach().argmax(1) == y).float().mean()}
+
+    kwargs = {k: v for k, v in ckpt["model_config"].items() if k != "mode"}
+    task = TrainTask(
+        stage="linear-eval", model=classifier, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
+        total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
+        checkpoint_meta={**C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, full.classes),
+                         "feature_selector": cfg.ft_proj_selector})
+    metrics = train(task, one_rank, cfg.runtime, run_dir)
+    classifier.eval()
+    result = evaluate_classifier(classifier, D.TensorBatches(eval_x, eval_y, cfg.data.eval_batch_size, shuffle=False,
+                                                             device=rt.device), one_rank, lambda t: t)
+    metrics.update(result, num_labelled=len(labelled))
+    if rt.is_main:
+        (run_dir / "eval.json").write_text(json.dumps({**result, "num_labelled": len(labelled)}, indent=2) + "\n")
+        print_summary("linear-eval", run_dir, metrics, describe(rt))
+    return {**metrics, "run_dir": str(run_dir)}

@@ -1,0 +1,87 @@
+"""The whole method in one command: pretrain -> fine-tune -> distill, against a baseline.
+
+For each amount of labels the pipeline runs linear evaluation of the pretrained encoder,
+fine-tunes it, distills the fine-tuned teacher into a student on all unlabeled images, and trains
+the same architecture from scratch on the same labels (the supervised-only baseline). The report
+(``report.json``, ``report.md``, ``report.png``) shows what each stage bought (paper Figure 3).
+Rerunning the command in the same run folder resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
+from simclrv2.data import load_split_size
+from simclrv2.engine.report import write_pipeline_report
+from simclrv2.stages import distill, finetune, linear_eval, pretrain
+
+STAGE_KEYS = ("baseline", "linear_eval", "finetuned", "distilled")
+
+
+def _label_settings(cfg: PipelineConfig, num_train: int) -> list[tuple[str, LabelConfig]]:
+    """(report key, labels) for every requested amount: the labelled fraction as a decimal string."""
+    settings = []
+    for count in cfg.labels_per_class:
+        if int(count) <= 0:
+            raise ConfigError(f"--labels-per-class values must be positive, got {count}")
+        settings.append((None, LabelConfig(labels_per_class=int(count))))
+    for fraction in cfg.label_fractions:
+        if not 0 < float(fraction) <= 1:
+            raise ConfigError(f"--label-fractions values must be in (0, 1], got {fraction}")
+        settings.append((f"{float(fraction):g}", LabelConfig(label_fraction=float(fraction))))
+    if not settings:
+        raise ConfigError("give at least one of --label-fractions or --labels-per-class")
+    return [(key, labels) for key, labels in settings]
+
+
+def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **fields: Any) -> Any:
+    """A stage's config with the pipeline's data and runtime and its own sub-folder."""
+    out = copy.deepcopy(stage_cfg)
+    out.data = copy.deepcopy(cfg.data)
+    out.runtime = replace(cfg.runtime, run_dir=str(run_dir / name))
+    for key, value in fields.items():
+        setattr(out, key, value)
+    return out
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every stage and write the report; returns the report dict."""
+    start = time.perf_counter()
+    if cfg.runtime.run_dir is None:
+        cfg.runtime.run_dir = str(Path("runs") / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"writing to {cfg.runtime.run_dir}")
+    run_dir = Path(cfg.runtime.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+
+    num_train = load_split_size(cfg.data, "train")
+    settings = _label_settings(cfg, num_train)
+    pre = pretrain.run(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
+    results: dict[str, dict[str, Any]] = {}
+    for key, labels in settings:
+        folder = f"labels-{labels.labels_per_class}-per-class" if key is None else f"labels-{key}"
+        stage_dir = run_dir / folder
+        le = linear_eval.run(_stage_cfg(cfg.linear_eval, cfg, stage_dir, "linear_eval", labels=labels,
+                                        checkpoint=pre["run_dir"]))
+        ft = finetune.run(_stage_cfg(cfg.finetune, cfg, stage_dir, "finetune", labels=labels,
+                                     checkpoint=pre["run_dir"]))
+        ds = distill.run(_stage_cfg(cfg.distill, cfg, stage_dir, "distill", labels=labels, checkpoint=ft["run_dir"]))
+        baseline_cfg = _stage_cfg(cfg.baseline, cfg, stage_dir, "baseline", labels=labels, checkpoint=None,
+                                  model=copy.deepcopy(cfg.pretrain.model))
+        bl = finetune.run(baseline_cfg, stage="baseline")
+        fraction = ft["num_labelled"] / num_train
+        report_key = key if key is not None else f"{round(fraction, 6):g}"
+        results[report_key] = {
+            "num_labelled": ft["num_labelled"],
+            **{name: {"top1": r["top1"], "top5": r["top5"]} for name, r in
+               zip(STAGE_KEYS, (bl, le, ft, ds))},
+        }
+    report = {"label_fractions": results, "wall_time_s": round(time.perf_counter() - start, 1),
+              "pretrain": {k: pre[k] for k in ("step", "linear_eval_top1") if k in pre}}
+    write_pipeline_report(report, run_dir)
+    return report

@@ -1,0 +1,119 @@
+"""Stage 1: task-agnostic SimCLRv2 pretraining on unlabeled images (paper section 2).
+
+Two augmented views of each image go through the encoder and the 3-layer projection head; the
+NT-Xent loss pulls the views together against every other image of the global batch. With
+``--use-memory`` a momentum copy of the network adds a queue of buffered negatives (paper
+appendix D). A linear head on stop-gradient features is trained alongside and reported each
+epoch (official ``lineareval_while_pretraining``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simclrv2 import data as D
+from simclrv2.config import ConfigError, PretrainConfig
+from simclrv2.engine.evaluation import evaluate_classifier
+from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images, unwrap
+from simclrv2.engine.summary import print_summary
+from simclrv2.engine.trainer import GeneratorState, TrainTask, train
+from simclrv2.losses import contrastive_accuracy, l2_normalize, moco_contrastive_loss, nt_xent
+from simclrv2.memory import FeatureQueue, ema_update_
+from simclrv2.models import build_simclrv2_model
+from simclrv2.stages import common as C
+
+
+def validate(cfg: PretrainConfig) -> None:
+    C.validate_model(cfg.model)
+    if cfg.temperature <= 0:
+        raise ConfigError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.use_memory:
+        if cfg.memory_size <= 0:
+            raise ConfigError(f"--memory-size must be positive, got {cfg.memory_size}")
+        if not 0.0 <= cfg.memory_momentum < 1.0:
+            raise ConfigError(f"--memory-momentum must be in [0, 1), got {cfg.memory_momentum}")
+
+
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain and return the final metrics; checkpoints land in ``RUN_DIR/checkpoints``."""
+    validate(cfg)
+    rt = setup_runtime(cfg.runtime)
+    C.validate_common(cfg.optim, cfg.runtime, rt)
+    train_set = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data, cfg.runtime.seed)
+    image_size = C.image_size_of(cfg.data, train_set)
+    has_labels = train_set.labels is not None and cfg.lineareval_while_pretraining
+    num_classes = len(train_set.classes) if has_labels else None
+    run_dir = C.start_run(cfg, "pretrain", rt)
+
+    kwargs = C.model_kwargs(cfg.model, image_size, num_classes)
+    model = build_simclrv2_model(**kwargs)
+    net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
+    optimizer = C.build_optimizer(model, cfg.optim)
+    lr_fn, total_steps = C.make_schedule(cfg.optim, len(train_set))
+
+    batch = C.local_batch_size(cfg.optim, rt)
+    batches = D.make_train_batches(train_set, batch, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size,
+                                   device=rt.device, num_workers=cfg.data.num_workers, image_size=image_size)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    use_blur = image_size > 32 if cfg.data.use_blur is None else cfg.data.use_blur
+    augment = D.make_pretrain_augment(cfg.data.augmentation, image_size, cfg.data.color_jitter_strength, use_blur)
+    stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
+
+    momentum_net = queue = None
+    if cfg.use_memory:
+        momentum_net = C.frozen_copy(unwrap(net)).to(rt.device)
+        queue = FeatureQueue(cfg.memory_size, model.projection_head.out_dim).to(rt.device)
+        stateful.update(momentum_model=momentum_net, memory_queue=queue)
+
+    def step_fn(batch_data: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, labels = batch_data
+        views = torch.cat([augment(images, generator), augment(images, generator)])
+        views = to_device_images(views, rt)
+        projection, logits = net(views)
+        metrics: dict[str, Any] = {}
+        if momentum_net is not None:
+            with torch.no_grad():
+                keys = l2_normalize(momentum_net(views)[0].float())
+            q1, q2 = projection.chunk(2)
+            k1, k2 = keys.chunk(2)
+            loss, logits_ab, labels_ab = moco_contrastive_loss(q1, q2, k1, k2, queue.filled(), cfg.temperature,
+                                                               normalize=cfg.hidden_norm)
+            queue.enqueue(torch.cat([k1, k2]), gather=True)
+        else:
+            loss, logits_ab, labels_ab = nt_xent(projection, cfg.temperature, normalize=cfg.hidden_norm)
+        metrics["contrast_loss"] = loss.detach()
+        metrics["contrast_acc"] = contrastive_accuracy(logits_ab.detach(), labels_ab)
+        if logits is not None and labels is not None:
+            targets = torch.cat([labels, labels]).to(logits.device)
+            sup_loss = F.cross_entropy(logits.float(), targets)
+            metrics["sup_loss"] = sup_loss.detach()
+            metrics["sup_acc"] = (logits.detach().argmax(1) == targets).float().mean()
+            loss = loss + sup_loss + C.labelled_loss_weight_decay(model, cfg.optim)
+        return loss, metrics
+
+    def after_step(step: int) -> None:
+        if momentum_net is not None:
+            ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
+
+    end_of_epoch = None
+    if has_labels:
+        eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
+        preprocess = D.make_eval_preprocess(image_size)
+
+        def end_of_epoch(epoch: int) -> dict[str, Any]:
+            net.eval()
+            result = evaluate_classifier(lambda x: net(x)[1], D.make_eval_batches(
+                eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
+            return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
+
+    task = TrainTask(
+        stage="pretrain", model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
+        total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
+        checkpoint_meta=C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, train_set.classes if has_labels else None),
+        after_step=after_step if cfg.use_memory else None, end_of_epoch=end_of_epoch, stateful=stateful)
+    metrics = train(task, rt, cfg.runtime, run_dir)
+    if rt.is_main:
+        print_summary("pretrain", run_dir, metrics, describe(rt))
+    return {**metrics, "run_dir": str(run_dir)}
