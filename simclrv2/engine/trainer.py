@@ -61,8 +61,7 @@ class GeneratorState:
 class BatchSource(Protocol):
     """Batches in a fixed order per epoch, restartable at a batch index (see ``simclrv2.data``)."""
 
-    start_batch: int
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self): ...
 
@@ -184,8 +183,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     try:
         with _StopFlag() as stop:
             while step < stop_at:
-                task.batches.set_epoch(epoch)
-                task.batches.start_batch = batch_in_epoch
+                task.batches.set_epoch(epoch, batch_in_epoch)
                 for batch in task.batches:
                     lr = task.lr_fn(step)
                     for group in task.optimizer.param_groups:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from simclrv2 import data as D
+from simclrv2.data.batches import native_image_size
 from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, save_config
 from simclrv2.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from simclrv2.engine.runtime import Runtime
@@ -120,7 +121,7 @@ def image_size_of(data: DataConfig, dataset: D.TensorImageDataset | Any) -> int:
         if data.image_size <= 0:
             raise ConfigError(f"--image-size must be positive, got {data.image_size}")
         return data.image_size
-    return D.native_image_size(dataset)
+    return native_image_size(dataset)
 
 
 def load_split(data: DataConfig, split: str, image_size: Optional[int] = None):
@@ -144,7 +145,7 @@ def labelled_indices(labels_cfg: LabelConfig, dataset, seed: int) -> torch.Tenso
     if dataset.labels is None:
         raise ConfigError(f"dataset {dataset.name!r} has no labels for this split; choose a labelled split")
     if labels_cfg.label_file:
-        return D.read_subset_file(labels_cfg.label_file, D.image_ids(dataset))
+        return D.read_subset_file(labels_cfg.label_file, dataset.sample_ids)
     if labels_cfg.labels_per_class is not None:
         return D.label_subset(dataset.labels, per_class=labels_cfg.labels_per_class, seed=seed)
     fraction = 1.0 if labels_cfg.label_fraction is None else labels_cfg.label_fraction

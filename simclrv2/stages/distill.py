@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simclrv2 import data as D
+from simclrv2.data import batches as B
 from simclrv2.config import ConfigError, DistillConfig
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
 from simclrv2.engine.summary import print_summary
@@ -75,14 +75,11 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = C.build_optimizer(student, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(unlabeled))
     local_batch = C.local_batch_size(cfg.optim, rt)
-    batches = D.make_train_batches(unlabeled, local_batch, seed=cfg.runtime.seed, rank=rt.rank,
-                                   world_size=rt.world_size, device=rt.device, num_workers=cfg.data.num_workers,
-                                   image_size=image_size)
-    labelled_batches = None if labelled is None else D.StepIndexedBatches(D.make_train_batches(
-        labelled, min(local_batch, len(labelled) // rt.world_size), seed=cfg.runtime.seed + 1, rank=rt.rank,
-        world_size=rt.world_size, device=rt.device, num_workers=0, image_size=image_size))
+    batches = B.train_batches(unlabeled, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
+                              cfg.data.num_workers)
+    labelled_batch = min(local_batch, len(labelled) // rt.world_size) if labelled is not None else 0
     generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
-    augment = D.make_finetune_augment(image_size)
+    augment = B.crop_flip(image_size)
     tau, alpha = cfg.distill_temperature, cfg.distill_alpha
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -95,8 +92,9 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
         metrics: dict[str, Any] = {"distill_loss": distill.detach(), "teacher_agreement": agreement}
         loss = alpha * distill
-        if labelled_batches is not None:
-            l_images, l_labels = labelled_batches.batch_at(step)
+        if labelled is not None:
+            l_images, l_labels = B.batch_at_step(labelled, labelled_batch, step, cfg.runtime.seed + 1, rt.rank,
+                                                 rt.world_size, rt.device)
             l_logits = net(to_device_images(augment(l_images, generator), rt))[1]
             sup = F.cross_entropy(l_logits.float(), l_labels.to(l_logits.device))
             metrics["sup_loss"] = sup.detach()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simclrv2 import data as D
+from simclrv2.data import batches as B
 from simclrv2.config import FinetuneConfig
 from simclrv2.engine.evaluation import evaluate_classifier
 from simclrv2.engine.runtime import Runtime, describe, prepare_model, setup_runtime, to_device_images
@@ -49,8 +49,8 @@ def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Run
     """Top-1 / top-5 of ``net``'s logits on the configured evaluation split."""
     eval_set = C.load_split(cfg_data, cfg_data.eval_split, image_size)
     net.eval()
-    return evaluate_classifier(lambda x: net(x)[1], D.make_eval_batches(
-        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, D.make_eval_preprocess(image_size))
+    return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
+        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, B.eval_preprocess(image_size))
 
 
 def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
@@ -67,11 +67,10 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = C.build_optimizer(model, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
-    batches = D.make_train_batches(labelled, C.local_batch_size(cfg.optim, rt), seed=cfg.runtime.seed, rank=rt.rank,
-                                   world_size=rt.world_size, device=rt.device, num_workers=cfg.data.num_workers,
-                                   image_size=image_size)
+    batches = B.train_batches(labelled, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
+                              rt.world_size, rt.device, cfg.data.num_workers)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
-    augment = D.make_finetune_augment(image_size)
+    augment = B.crop_flip(image_size)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         images, labels = batch

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simclrv2 import data as D
+from simclrv2.data import batches as B
 from simclrv2.config import LinearEvalConfig
 from simclrv2.engine.evaluation import evaluate_classifier, extract_features
 from simclrv2.engine.runtime import Runtime, describe, setup_runtime
@@ -28,8 +28,8 @@ from simclrv2.stages import common as C
 def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int):
     head = model.projection_head
     return extract_features(lambda x: head.hidden_at(model.encoder(x), selector),
-                            D.make_eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt,
-                            D.make_eval_preprocess(image_size))
+                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt,
+                            B.eval_preprocess(image_size))
 
 
 def run(cfg: LinearEvalConfig) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
     classifier = SupervisedHead(train_x.shape[1], len(full.classes), zero_init=True).to(rt.device)
     optimizer = C.build_optimizer(classifier, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
-    batches = D.TensorBatches(train_x, train_y, cfg.optim.train_batch_size, seed=cfg.runtime.seed, device=rt.device)
+    batches = B.TensorBatches(train_x, train_y, cfg.optim.train_batch_size, seed=cfg.runtime.seed, device=rt.device)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = batch
@@ -75,7 +75,7 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
                          "feature_selector": cfg.ft_proj_selector})
     metrics = train(task, one_rank, cfg.runtime, run_dir)
     classifier.eval()
-    result = evaluate_classifier(classifier, D.TensorBatches(eval_x, eval_y, cfg.data.eval_batch_size, shuffle=False,
+    result = evaluate_classifier(classifier, B.TensorBatches(eval_x, eval_y, cfg.data.eval_batch_size, shuffle=False,
                                                              device=rt.device), one_rank, lambda t: t)
     metrics.update(result, num_labelled=len(labelled))
     if rt.is_main:

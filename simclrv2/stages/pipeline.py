@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
-from simclrv2.data import load_split_size
+from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
 from simclrv2.stages import distill, finetune, linear_eval, pretrain
 
@@ -59,7 +59,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
 
-    num_train = load_split_size(cfg.data, "train")
+    num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
     settings = _label_settings(cfg, num_train)
     pre = pretrain.run(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
     results: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simclrv2 import data as D
+from simclrv2.data import batches as B
 from simclrv2.config import ConfigError, PretrainConfig
 from simclrv2.engine.evaluation import evaluate_classifier
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images, unwrap
@@ -53,12 +53,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     optimizer = C.build_optimizer(model, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(train_set))
 
-    batch = C.local_batch_size(cfg.optim, rt)
-    batches = D.make_train_batches(train_set, batch, seed=cfg.runtime.seed, rank=rt.rank, world_size=rt.world_size,
-                                   device=rt.device, num_workers=cfg.data.num_workers, image_size=image_size)
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
     use_blur = image_size > 32 if cfg.data.use_blur is None else cfg.data.use_blur
-    augment = D.make_pretrain_augment(cfg.data.augmentation, image_size, cfg.data.color_jitter_strength, use_blur)
+    batches, make_views = B.pretrain_views(
+        cfg.data.augmentation, train_set, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
+        rt.world_size, rt.device, image_size, cfg.data.color_jitter_strength, use_blur, cfg.data.num_workers)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
     stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
 
     momentum_net = queue = None
@@ -68,9 +67,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         stateful.update(momentum_model=momentum_net, memory_queue=queue)
 
     def step_fn(batch_data: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        images, labels = batch_data
-        views = torch.cat([augment(images, generator), augment(images, generator)])
-        views = to_device_images(views, rt)
+        labels = batch_data[1] if has_labels else None
+        views = to_device_images(torch.cat(make_views(batch_data, generator)), rt)
         projection, logits = net(views)
         metrics: dict[str, Any] = {}
         if momentum_net is not None:
@@ -100,11 +98,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     end_of_epoch = None
     if has_labels:
         eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
-        preprocess = D.make_eval_preprocess(image_size)
+        preprocess = B.eval_preprocess(image_size)
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
             net.eval()
-            result = evaluate_classifier(lambda x: net(x)[1], D.make_eval_batches(
+            result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
                 eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
             return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
 

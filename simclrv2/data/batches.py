@@ -1,0 +1,125 @@
+"""What the stages ask of the data layer: batch sources, view makers and preprocessing.
+
+Each stage iterates a *batch source* (``set_epoch(epoch, start_batch)``, ``len``, iteration
+yielding ``(images, labels)``) and turns each batch into model inputs on the device. Two
+pretraining paths exist (``--augmentation``):
+
+* ``batched`` (default): uint8 images are gathered straight from memory (or decoded by
+  DataLoader workers for image folders) and augmented as whole tensor batches on the device
+  with per-image random parameters drawn from a checkpointed generator, so a resumed run sees
+  exactly the same views.
+* ``torchvision``: the classic per-image PIL pipeline in DataLoader workers; views are made
+  in the workers, so resumption continues the schedule but not the exact random views.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
+from .datasets import TensorImageDataset, build_dataset
+from .loader import FileLoader, make_loader, shard_indices
+
+ViewMaker = Callable[[Any, torch.Generator], tuple[Tensor, Tensor]]
+
+
+def native_image_size(dataset: Any) -> int:
+    """Side length of the dataset's images (in-memory sets) or its decode size (folders)."""
+    return int(dataset.image_size)
+
+
+def train_batches(dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
+                  device: torch.device, num_workers: Optional[int] = None) -> Any:
+    """Shuffled, sharded, full batches of ``(uint8 images, labels)`` on ``device``."""
+    return make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
+                       world_size=world_size, device=device, num_workers=num_workers)
+
+
+def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, device: torch.device) -> Any:
+    """Every example exactly once over all ranks, in order, no padding."""
+    return make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, rank=rank,
+                       world_size=world_size, device=device)
+
+
+def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
+                   device: torch.device, image_size: int, strength: float, use_blur: bool,
+                   num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
+    """(batch source, ``make_views(batch, generator) -> (view1, view2)``) for pretraining."""
+    if kind == "batched":
+        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur)
+
+        def make_views(batch: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+            images = batch[0]
+            return augment(images, generator), augment(images, generator)
+        return train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers), make_views
+    if kind == "torchvision":
+        transform = torchvision_simclr_transform(image_size, strength, blur=use_blur)
+        views_set = PILViewsDataset(dataset, transform, num_views=2)
+        source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
+                            world_size=world_size, num_workers=num_workers, device=device)
+
+        def pil_views(batch: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+            views = batch[0]
+            return views[:, 0], views[:, 1]
+        return source, pil_views
+    raise ValueError(f"--augmentation must be batched or torchvision, got {kind!r}")
+
+
+def crop_flip(image_size: int) -> SimCLRAugment:
+    """Fine-tuning and distillation augmentation: random resized crop + flip (paper section 3)."""
+    return finetune_augment(image_size)
+
+
+def eval_preprocess(image_size: int) -> EvalTransform:
+    """Official evaluation preprocessing (centre crop above 32 px, then resize)."""
+    return EvalTransform(image_size)
+
+
+def split_size(dataset: str, data_dir: Optional[str], split: str) -> int:
+    return len(build_dataset(dataset, data_dir, split))
+
+
+class TensorBatches:
+    """Batches of precomputed tensors (e.g. frozen features), with the batch-source interface."""
+
+    def __init__(self, features: Tensor, labels: Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 device: Optional[torch.device] = None):
+        self.features, self.labels = features, labels
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.device = device
+        self.epoch, self.start_batch = 0, 0
+        self._len = len(features) // batch_size if shuffle else -(-len(features) // batch_size)
+        if self._len == 0:
+            raise ValueError(f"{len(features)} examples give no batch of {batch_size}; lower the batch size")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = shard_indices(len(self.features), self.epoch, self.seed, self.shuffle, drop_last=self.shuffle)
+        start, self.start_batch = self.start_batch, 0
+        for b in range(start, self._len):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.features[idx].to(self.device), self.labels[idx].to(self.device)
+
+
+def batch_at_step(dataset: TensorImageDataset, batch_size: int, step: int, seed: int, rank: int,
+                  world_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The labelled batch for training step ``step`` of an endless shuffled pass over ``dataset``.
+
+    A pure function of ``step``, so a second data stream (the labelled part of distillation)
+    resumes exactly without state of its own.
+    """
+    per_epoch = len(shard_indices(len(dataset), 0, seed, False, rank, world_size)) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} labelled images give no batch of {batch_size} per process")
+    epoch, index = divmod(step, per_epoch)
+    order = shard_indices(len(dataset), epoch, seed, True, rank, world_size)
+    idx = order[index * batch_size:(index + 1) * batch_size]
+    images, labels = dataset.images[idx], dataset.labels[idx]
+    return images.to(device), labels.to(device)
