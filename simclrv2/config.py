@@ -137,7 +137,6 @@ class FinetuneConfig:
         train_batch_size=1024, train_epochs=60.0))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     labels: LabelConfig = field(default_factory=lambda: LabelConfig(label_fraction=0.01))
-    ft_proj_selector: Optional[int] = _opt(None, "Head layer to fine-tune from; default: the checkpoint's (paper: 1).")
     fine_tune_after_block: int = _opt(-1, "-1 trains everything; k in 0..4 freezes the stem (0) and block groups up to k.")
     zero_init_logits_layer: bool = _opt(True, "Start the classifier from zero weights (official fine-tuning setting).")
 
@@ -394,7 +393,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     seen: set[str] = set()
     for flag, path, tp, default, help_text in _walk_flags(cls):
         if flag in seen:
-            continue
+            raise AssertionError(f"{cls.__name__}: two options share the flag {flag}")
         seen.add(flag)
         parser.add_argument(flag, dest="cfg:" + ".".join(path), default=None, metavar=_metavar(tp),
                             help=f"{help_text} (default: {default})")

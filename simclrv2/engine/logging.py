@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +21,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _summary_writer_class() -> type:
+    """torch's TensorBoard writer, kept from importing TensorFlow (seconds) when that is installed.
+
+    Writing event files needs no TensorFlow; TensorBoard's own ``compat.notf`` switch selects
+    its built-in stub.
+    """
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
 class MetricsLogger:
     """Appends ``{"kind": "step"|"epoch"|..., "step": N, ...}`` records; no-op off the main rank."""
 
@@ -28,7 +42,7 @@ class MetricsLogger:
         self._writer = None
         if enabled and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                SummaryWriter = _summary_writer_class()
                 self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only")

@@ -27,16 +27,14 @@ def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tupl
     """Pretrained network with a new classifier, or a fresh one for the supervised baseline."""
     if cfg.checkpoint:
         model, ckpt = C.load_model(cfg.checkpoint, num_classes=num_classes)
+        selector = cfg.model.ft_proj_selector
+        C.validate_selector(selector, model.projection_head.num_layers)
+        model.projection_head.ft_proj_selector = selector
+        model.supervised_head = SupervisedHead(model.projection_head.finetune_dim, num_classes)
         kwargs = {k: v for k, v in ckpt["model_config"].items() if k != "mode"}
-        if cfg.ft_proj_selector is not None:
-            C.validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
-            model.projection_head.ft_proj_selector = cfg.ft_proj_selector
-            model.supervised_head = SupervisedHead(model.projection_head.finetune_dim, num_classes)
-        kwargs.update(ft_proj_selector=model.projection_head.ft_proj_selector, num_classes=num_classes)
+        kwargs.update(ft_proj_selector=selector, num_classes=num_classes)
     else:
         C.validate_model(cfg.model)
-        if cfg.ft_proj_selector is not None:
-            cfg.model.ft_proj_selector = cfg.ft_proj_selector
         kwargs = C.model_kwargs(cfg.model, image_size, num_classes)
         model = build_simclrv2_model(**kwargs)
     model.supervised_head.reset_parameters(zero_init=cfg.zero_init_logits_layer)

@@ -61,6 +61,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
 
     momentum_net = queue = None
+    new_keys: list[torch.Tensor] = []  # this step's keys, enqueued once the loss has been used
     if cfg.use_memory:
         momentum_net = C.frozen_copy(unwrap(net)).to(rt.device)
         queue = FeatureQueue(cfg.memory_size, model.projection_head.out_dim).to(rt.device)
@@ -78,7 +79,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             k1, k2 = keys.chunk(2)
             loss, logits_ab, labels_ab = moco_contrastive_loss(q1, q2, k1, k2, queue.filled(), cfg.temperature,
                                                                normalize=cfg.hidden_norm)
-            queue.enqueue(torch.cat([k1, k2]), gather=True)
+            new_keys[:] = [keys]
         else:
             loss, logits_ab, labels_ab = nt_xent(projection, cfg.temperature, normalize=cfg.hidden_norm)
         metrics["contrast_loss"] = loss.detach()
@@ -92,8 +93,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return loss, metrics
 
     def after_step(step: int) -> None:
-        if momentum_net is not None:
-            ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
+        queue.enqueue(new_keys.pop(), gather=True)
+        ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
     end_of_epoch = None
     if has_labels:
