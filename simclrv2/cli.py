@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: Exception) -> str:
+    """The error's own message; an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, whose last line is that message."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and any("Traceback" in line for line in lines):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         importlib.import_module(_STAGES[args.command][0]).run(cfg)
         return 0
     except bad_input as err:
-        print(f"simclrv2 {args.command}: error: {err}", file=sys.stderr)
+        print(f"simclrv2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingStopped as err:
         print(f"simclrv2 {args.command}: {err}", file=sys.stderr)

@@ -315,8 +315,15 @@ def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
                 raise ConfigError(f"{where}{key}: expected a section (mapping), got {value!r}")
             merge(getattr(cfg, name), value, f"{where}{key}.")
         else:
-            setattr(cfg, name, _coerce(value, types[name], f"{where}{key}"))
+            setattr(cfg, name, _coerce(value, types[name], _flag_name(f"{where}{key}")))
     return cfg
+
+
+def _flag_name(dotted: str) -> str:
+    """The command-line flag of a nested option: ``optim.train_batch_size`` -> ``train-batch-size``."""
+    *sections, leaf = dotted.split(".")
+    kept = [s for s in sections if s not in FLAT_SECTIONS]
+    return ".".join(kept + [leaf]).replace("_", "-")
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -425,26 +432,41 @@ def _flagged_dataset(args: argparse.Namespace, file_values: dict[str, Any]) -> s
     return dataset
 
 
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in tree.items():
+        name = prefix + key.replace("-", "_")
+        keys |= _dotted_keys(value, name + ".") if isinstance(value, dict) else {name}
+    return keys
+
+
+def explicit_options(cfg: Any) -> frozenset[str]:
+    """Dotted names of the options the user set (file or flags), e.g. ``model.resnet_depth``."""
+    return getattr(cfg, "_explicit", frozenset())
+
+
+def _finish(cfg: Any, *user_values: dict[str, Any]) -> Any:
+    for values in user_values:
+        merge(cfg, values)
+    cfg._explicit = frozenset().union(*(_dotted_keys(v) for v in user_values))
+    return cfg
+
+
 def resolve(stage: str, args: argparse.Namespace) -> Any:
     """Build a stage's config: defaults, then preset, then ``--config`` file, then flags."""
-    cls = STAGE_CONFIGS[stage]
-    cfg = cls()
+    cfg = STAGE_CONFIGS[stage]()
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
-    merge(cfg, file_values)
-    merge(cfg, _flag_overrides(args))
-    return cfg
+    return _finish(cfg, file_values, _flag_overrides(args))
 
 
 def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = "auto") -> Any:
     """Python entry point: a stage config from nested ``overrides`` on top of the preset."""
-    cls = STAGE_CONFIGS[stage]
-    cfg = cls()
+    cfg = STAGE_CONFIGS[stage]()
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset", DataConfig().dataset)
     merge(cfg, preset_overrides(preset, stage, dataset))
-    merge(cfg, overrides)
-    return cfg
+    return _finish(cfg, overrides)
 
 
 def save_config(cfg: Any, run_dir: Path) -> Path:

@@ -153,6 +153,12 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime, scaler: Optional[torch.
     return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
+def _skipped_images(batches: BatchSource) -> dict[str, int]:
+    """Unreadable images replaced so far (``--skip-bad-images``), for sources that count them."""
+    count = getattr(batches, "skipped", None)
+    return {} if count is None else {"skipped_images": count}
+
+
 def _progress(total: int, initial: int, enabled: bool, desc: str):
     if not enabled:
         return None
@@ -220,6 +226,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                         last = logger.log("step", step, {
                             "epoch": epoch, "loss": loss.detach().float(), "learning_rate": lr,
                             "images_per_s": window_images / max(elapsed, 1e-9), "skipped_steps": skipped,
+                            **_skipped_images(task.batches),
                             **{k: v.detach().float() if torch.is_tensor(v) else v for k, v in metrics.items()}})
                         window_start, window_images = time.perf_counter(), 0
                         if bar is not None:

@@ -144,14 +144,17 @@ def labelled_indices(labels_cfg: LabelConfig, dataset, seed: int) -> torch.Tenso
     """Indices of the labelled examples: a file of ids, a per-class count or a class-balanced fraction."""
     if dataset.labels is None:
         raise ConfigError(f"dataset {dataset.name!r} has no labels for this split; choose a labelled split")
-    if labels_cfg.label_file:
-        return D.read_subset_file(labels_cfg.label_file, dataset.sample_ids)
-    if labels_cfg.labels_per_class is not None:
-        return D.label_subset(dataset.labels, per_class=labels_cfg.labels_per_class, seed=seed)
     fraction = 1.0 if labels_cfg.label_fraction is None else labels_cfg.label_fraction
-    if fraction >= 1.0:
-        return torch.arange(len(dataset))
-    return D.label_subset(dataset.labels, fraction=fraction, seed=seed)
+    try:
+        if labels_cfg.label_file:
+            return D.read_subset_file(labels_cfg.label_file, dataset.sample_ids)
+        if labels_cfg.labels_per_class is not None:
+            return D.label_subset(dataset.labels, per_class=labels_cfg.labels_per_class, seed=seed)
+        if fraction >= 1.0:
+            return torch.arange(len(dataset))
+        return D.label_subset(dataset.labels, fraction=fraction, seed=seed)
+    except (ValueError, FileNotFoundError) as err:  # impossible requests, unknown ids, missing file
+        raise ConfigError(f"labels: {err}") from None
 
 
 def describe_labels(labels_cfg: LabelConfig) -> str:
@@ -229,12 +232,34 @@ def load_model(path_or_run: str, num_classes: Optional[int] = None) -> tuple[Sim
         state = {k: v for k, v in state.items() if not k.startswith("supervised_head.")}
     model = build_simclrv2_model(**meta)
     model.mode = mode
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{path} does not fit its recorded architecture: {detail}") from None
     missing = [k for k in missing if not k.startswith("supervised_head.")]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit its recorded architecture: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     return model, ckpt
+
+
+_ARCHITECTURE = {"resnet_depth": "depth", "width_multiplier": "width_multiplier", "sk_ratio": "sk_ratio",
+                 "cifar_stem": "cifar_stem", "num_proj_layers": "num_proj_layers", "proj_out_dim": "proj_out_dim"}
+
+
+def check_architecture(cfg: Any, section: str, recorded: dict[str, Any], checkpoint: str) -> None:
+    """Fail if an architecture option the user set disagrees with the checkpoint's model."""
+    from simclrv2.config import explicit_options
+
+    given = explicit_options(cfg)
+    for option, key in _ARCHITECTURE.items():
+        if f"{section}.{option}" in given:
+            wanted = getattr(getattr(cfg, section), option)
+            if wanted != recorded.get(key):
+                flag = option.replace("_", "-")
+                raise ConfigError(f"--{flag} {wanted} differs from the checkpoint {checkpoint} "
+                                  f"({flag} {recorded.get(key)}); drop the flag or pass a matching --checkpoint")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -60,14 +60,12 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     if use_labels:
         full = C.load_split(cfg.data, "train", cfg.data.image_size)
         labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
-    num_classes = teacher.supervised_head.linear.out_features
-    run_dir = C.start_run(cfg, "distill", rt)
-
     kwargs = student_kwargs(cfg, teacher_ckpt["model_config"])
-    kwargs["num_classes"] = num_classes
+    kwargs["num_classes"] = teacher.supervised_head.linear.out_features
     student = build_simclrv2_model(**kwargs)
     student.mode = "finetune"
     C.freeze_for_finetuning(student, -1)
+    run_dir = C.start_run(cfg, "distill", rt)
     teacher = C.frozen_copy(teacher).to(rt.device).eval()
     if rt.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)

@@ -27,6 +27,7 @@ def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tupl
     """Pretrained network with a new classifier, or a fresh one for the supervised baseline."""
     if cfg.checkpoint:
         model, ckpt = C.load_model(cfg.checkpoint, num_classes=num_classes)
+        C.check_architecture(cfg, "model", ckpt["model_config"], cfg.checkpoint)
         selector = cfg.model.ft_proj_selector
         C.validate_selector(selector, model.projection_head.num_layers)
         model.projection_head.ft_proj_selector = selector
@@ -59,9 +60,9 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
     image_size = C.image_size_of(cfg.data, full)
     C.fit_batch_to_data(cfg.optim, len(labelled), rt)
+    model, kwargs = _build_model(cfg, image_size, len(full.classes))
     run_dir = C.start_run(cfg, stage, rt)
 
-    model, kwargs = _build_model(cfg, image_size, len(full.classes))
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = C.build_optimizer(model, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
