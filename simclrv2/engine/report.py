@@ -1,9 +1,16 @@
-"""The pipeline report: a table of top-1/top-5 per stage and label fraction, as JSON, Markdown and PNG."""
+"""Reports: the pipeline's top-1/top-5 table (JSON, Markdown, PNG) and, for any run folder,
+training curves from ``metrics.jsonl`` plus one self-contained HTML page (``report.html``)."""
 from __future__ import annotations
 
+import base64
+import html
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from simclrv2.engine.logging import METRICS_FILE, read_metrics
 
 STAGE_LABELS = {"baseline": "Supervised baseline", "linear_eval": "Linear eval (pretrained)",
                 "finetuned": "Fine-tuned (teacher)", "distilled": "Distilled (student)"}
@@ -67,3 +74,139 @@ def write_pipeline_report(report: dict[str, Any], run_dir: Path) -> None:
     (run_dir / "report.md").write_text(text)
     plot_pipeline(report, run_dir / "report.png")
     print("\n" + table + f"\n\nwall time {report['wall_time_s']:.0f} s; report in {run_dir}/report.{{json,md,png}}")
+
+
+# ----------------------------------------------------------------------------- curves and HTML
+
+REPORT_HTML = "report.html"
+FIGURE_DIR = "report_figures"
+CURVES = {"loss": "loss", "contrast_acc": "contrastive accuracy", "linear_eval_top1": "linear-eval top-1",
+          "learning_rate": "learning rate"}
+
+
+class ReportError(ValueError):
+    """A folder holds nothing to report on."""
+
+
+def find_metric_runs(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder) for ``run_dir`` and every sub-folder with a ``metrics.jsonl``: one entry for
+    a single stage run, one per stage for a pipeline (``pretrain``, ``labels-*/finetune``, ...)."""
+    run_dir = Path(run_dir)
+    folders = sorted((p.parent for p in run_dir.rglob(METRICS_FILE)),
+                     key=lambda f: (len(f.relative_to(run_dir).parts), f.relative_to(run_dir).as_posix()))
+    return [(f.relative_to(run_dir).as_posix() if f != run_dir else run_dir.name, f) for f in folders]
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def curve_series(records: list[dict[str, Any]], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """``{record kind: (steps, values)}`` of the finite numeric values of ``metric``."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        value = _number(record.get(metric))
+        if value is None or "step" not in record:
+            continue
+        steps, values = series.setdefault(str(record.get("kind", "step")), ([], []))
+        steps.append(int(record["step"]))
+        values.append(value)
+    return series
+
+
+def plot_curves(records: list[dict[str, Any]], title: str, path: Path) -> list[str]:
+    """One panel per metric of ``CURVES`` that the records contain; returns the metrics plotted
+    (nothing is written when there are none)."""
+    present = {m: curve_series(records, m) for m in CURVES}
+    present = {m: s for m, s in present.items() if s}
+    if not present:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], present.items()):
+        for kind, (steps, values) in series.items():
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3,
+                    label=kind if len(series) > 1 else None)
+        ax.set_title(CURVES[metric], fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return list(present)
+
+
+def accuracy_table_html(report: dict[str, Any]) -> str:
+    """The pipeline's top-1 / top-5 table as an HTML ``<table>`` (missing entries shown as a dash)."""
+    fractions = report.get("label_fractions", {})
+    keys = sorted(fractions, key=float)
+    head = "".join(f"<th>{html.escape(_fraction_title(k, fractions[k]))}</th>" for k in keys)
+    rows = [f"<tr><th>stage</th>{head}</tr>"]
+    for stage, title in STAGE_LABELS.items():
+        cells = []
+        for k in keys:
+            entry = fractions[k].get(stage)
+            cells.append(f"<td>{entry['top1']:.1f} / {entry['top5']:.1f}</td>" if entry else "<td>&ndash;</td>")
+        rows.append(f"<tr><th>{html.escape(title)}</th>{''.join(cells)}</tr>")
+    return "<table>\n" + "\n".join(rows) + "\n</table>"
+
+
+def _embedded_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+_PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
+               "td,th{border:1px solid #bbb;padding:.3em .6em;text-align:right}img{max-width:100%}")
+
+
+def write_html_report(run_dir: Path, out: Optional[Path] = None) -> tuple[Path, list[Path]]:
+    """Curves of every stage in ``run_dir`` and, for a pipeline run, its accuracy table and chart:
+    PNGs in ``run_dir/report_figures/`` and one self-contained page (images embedded as base64),
+    ``run_dir/report.html`` unless ``out`` is given. Returns (page, PNGs)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a folder; pass a run folder written by simclrv2")
+    runs = find_metric_runs(run_dir)
+    report_file = run_dir / "report.json"
+    if not runs and not report_file.exists():
+        raise ReportError(f"{run_dir} holds no {METRICS_FILE} and no report.json; pass a run or pipeline folder")
+    figures = run_dir / FIGURE_DIR
+    figures.mkdir(exist_ok=True)
+    pngs: list[Path] = []
+    body = [f"<h1>SimCLRv2 report: {html.escape(run_dir.name)}</h1>"]
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        body += ["<h2>Accuracy on the held-out split</h2>",
+                 "<p>Top-1 / top-5 accuracy (%) per stage and labelled fraction.</p>", accuracy_table_html(report)]
+        entries = report.get("label_fractions", {}).values()
+        if entries and all(stage in entry for entry in entries for stage in STAGE_LABELS):
+            png = figures / "accuracy.png"
+            plot_pipeline(report, png)
+            pngs.append(png)
+            body.append(_embedded_png(png, "top-1 accuracy per stage"))
+        if "wall_time_s" in report:
+            body.append(f"<p>Wall time: {report['wall_time_s']:.0f} s</p>")
+    body.append("<h2>Training curves</h2>")
+    for label, folder in runs:
+        png = figures / (re.sub(r"[^A-Za-z0-9_.-]+", "__", label) + ".png")
+        body.append(f"<h3>{html.escape(label)}</h3>")
+        if plot_curves(read_metrics(folder), label, png):
+            pngs.append(png)
+            body.append(_embedded_png(png, f"training curves of {label}"))
+        else:
+            body.append("<p>No loss, accuracy or learning-rate records.</p>")
+    page = Path(out) if out is not None else run_dir / REPORT_HTML
+    page.write_text("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>SimCLRv2 report: "
+                    f"{html.escape(run_dir.name)}</title><style>{_PAGE_STYLE}</style></head>\n<body>\n"
+                    + "\n".join(body) + "\n</body></html>\n")
+    return page, pngs

@@ -66,6 +66,17 @@ class SimCLRv2Model(nn.Module):
         """The head hidden selected by ``projection_head.ft_proj_selector``."""
         return self.projection_head.hidden_at(self.encoder(x), self.projection_head.ft_proj_selector)
 
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, num_classes): softmax of the supervised head's logits on the
+        hidden selected by ``ft_proj_selector``, for float RGB images in [0, 1] (N, 3, H, W)."""
+        if self.supervised_head is None:
+            raise ValueError("this model has no supervised head, so it cannot predict classes; use embed() for "
+                             "features, or fine-tune it (simclrv2 finetune --checkpoint ...) first")
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"predict expects float RGB images in [0, 1] of shape (N, 3, H, W), got "
+                             f"{x.dtype} {tuple(x.shape)}; convert uint8 images with x.float() / 255")
+        return self.supervised_head(self.finetune_features(x)).softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         if self.mode == "finetune":
             return None, self.supervised_head(self.finetune_features(x))

@@ -1,0 +1,45 @@
+"""Python API: ``simclrv2.load(path)`` returns a ready model.
+
+``path`` may be a run folder (its newest valid checkpoint), a checkpoint ``.pt`` (including one
+written by ``simclrv2 convert-tf``), a ``.safetensors`` file from ``simclrv2 export``, or an
+official TF2 checkpoint / SavedModel (converted on the fly; needs ``pip install simclrv2[tf]``).
+The model is in eval mode; ``model.embed(images)`` gives pooled encoder features and
+``model.predict(images)`` class probabilities, for float RGB images in [0, 1] of shape
+(N, 3, H, W) with no mean/std normalisation, as the official model takes them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from simclrv2.engine.checkpoint import CheckpointError
+from simclrv2.models import SimCLRv2Model
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", ft_proj_selector: Optional[int] = None) -> SimCLRv2Model:
+    """The model stored at ``path``, on ``device``, in eval mode.
+
+    ``ft_proj_selector`` applies to official TF checkpoints only: which projection-head hidden
+    their supervised head reads (default: inferred, 0 when the widths allow it).
+    """
+    path = Path(path)
+    if not path.exists() and not Path(f"{path}.index").exists():
+        raise CheckpointError(f"{path} does not exist; pass a run folder, a .pt or .safetensors file, or an "
+                              "official TF checkpoint or SavedModel")
+    from simclrv2.convert import convert_tf_checkpoint, is_tf_source
+
+    if is_tf_source(path):
+        model, _ = convert_tf_checkpoint(path, ft_proj_selector=ft_proj_selector)
+    elif ft_proj_selector is not None:
+        raise ValueError("ft_proj_selector only applies to official TF checkpoints; a simclrv2 checkpoint records its own")
+    elif path.suffix == ".safetensors":
+        from simclrv2.export import load_safetensors
+
+        model = load_safetensors(path)
+    else:
+        from simclrv2.stages.common import load_model
+
+        model, _ = load_model(str(path))
+    return model.to(device).eval()

@@ -1,0 +1,209 @@
+"""Read the model variables of an official SimCLRv2 TF2 checkpoint or SavedModel by structural key.
+
+The official ``run.py`` writes ``tf.train.Checkpoint(model=..., global_step=..., optimizer=...)``
+checkpoints and ``run.save`` writes SavedModels. Both store a ``_CHECKPOINTABLE_OBJECT_GRAPH``: the
+tree of tracked objects (``model -> resnet_model -> block_groups -> 0 -> layers -> ...``) with the
+variables at its leaves. A checkpoint names each tensor by its first path in that graph
+(``model/resnet_model/...``); a SavedModel names it by the first path Keras offers
+(``model/resnet_model/variables/17``), but its object graph still holds the structural edges.
+So both are read the same way: walk the object graph from ``model``, skipping Keras'
+bookkeeping edges (``variables``, ``keras_api``, ...), and key every variable by its structural
+path, the key ``simclrv2.models.official_keys`` uses. No TF model is built.
+
+TensorFlow is an optional dependency (``pip install simclrv2[tf]``), imported only here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from simclrv2.engine.checkpoint import CheckpointError
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+VARIABLE_ATTRIBUTE = "VARIABLE_VALUE"
+MODEL_EDGE = "model"
+BOOKKEEPING_EDGES = frozenset({
+    "variables", "trainable_variables", "non_trainable_variables", "trainable_weights", "non_trainable_weights",
+    "regularization_losses", "keras_api", "signatures", "trainable_variables_list", "__call__",
+    "call_and_return_all_conditional_losses", "call_and_return_conditional_losses",
+})
+MAX_PATHS = 1_000_000
+
+
+class ConversionError(CheckpointError):
+    """An official checkpoint cannot be read or does not map onto a SimCLRv2 model."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One object of the checkpoint's object graph: its named children and its variable's tensor name."""
+
+    children: Tuple[Tuple[str, int], ...]
+    tensor: str | None = None
+
+
+@dataclass
+class OfficialVariables:
+    """Model variables of an official checkpoint.
+
+    ``keys`` maps each structural key (no ``/.ATTRIBUTES/VARIABLE_VALUE``) to its node; ``names``
+    gives every model variable node a display name (its first structural key, else its tensor name).
+    """
+
+    source: str
+    kind: str
+    prefix: str
+    keys: Dict[str, int]
+    names: Dict[int, str]
+    tensors: Dict[int, str]
+    shapes: Dict[str, Tuple[int, ...]]
+    global_step: int | None
+    reader: Any = field(repr=False)
+
+    def read(self, key: str) -> np.ndarray:
+        """The array of the variable at structural ``key``."""
+        return np.asarray(self.reader.get_tensor(self.tensors[self.keys[key]]))
+
+
+def import_tensorflow() -> Any:
+    """``tensorflow``, or a clear error saying how to install the optional extra."""
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise ConversionError("reading TensorFlow checkpoints needs TensorFlow: pip install 'simclrv2[tf]' "
+                              "(tensorflow-cpu and tf-keras)") from err
+    return tf
+
+
+def _state_file_prefix(folder: Path) -> Path:
+    """Newest checkpoint named by a ``checkpoint`` state file; also works for copied folders whose
+    state file records absolute paths from another machine."""
+    for line in (folder / "checkpoint").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model_checkpoint_path":
+            recorded = Path(value.strip().strip('"'))
+            for candidate in (recorded, folder / recorded, folder / recorded.name):
+                if Path(f"{candidate}.index").exists():
+                    return candidate
+            raise ConversionError(f"{folder}/checkpoint names {recorded}, but no {recorded.name}.index is in {folder}")
+    raise ConversionError(f"{folder}/checkpoint has no model_checkpoint_path line; pass the checkpoint prefix instead")
+
+
+def resolve_source(path: str | Path) -> Tuple[Path, str]:
+    """(checkpoint prefix, ``"checkpoint"`` or ``"saved_model"``) for a checkpoint prefix (or its
+    ``.index``/``.data-*`` file), a folder with a ``checkpoint`` state file, a SavedModel folder, or a
+    folder of numbered SavedModels (``run.save`` writes ``saved_model/<step>/``; the newest is used)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return path / "variables" / "variables", "saved_model"
+        if (path / "checkpoint").is_file():
+            return _state_file_prefix(path), "checkpoint"
+        numbered = sorted((int(d.name), d) for d in path.iterdir() if d.name.isdigit() and (d / "saved_model.pb").is_file())
+        if numbered:
+            return numbered[-1][1] / "variables" / "variables", "saved_model"
+        raise ConversionError(f"{path} holds no 'checkpoint' state file, saved_model.pb or numbered SavedModel folder; "
+                              "pass a checkpoint prefix such as DIR/ckpt-1000")
+    text = str(path)
+    for suffix in (".index", ".data-00000-of-00001"):
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+    if ".data-" in Path(text).name:
+        text = text[: text.rindex(".data-")]
+    if not Path(f"{text}.index").is_file():
+        raise ConversionError(f"{path} is not a TF checkpoint prefix (no {text}.index), a checkpoint folder or a "
+                              "SavedModel folder")
+    return Path(text), "checkpoint"
+
+
+def parse_object_graph(serialized: bytes) -> List[Node]:
+    """The object graph as plain ``Node``s (TF's ``TrackableObjectGraph`` proto)."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(serialized)
+    nodes = []
+    for proto in graph.nodes:
+        tensor = next((a.checkpoint_key for a in proto.attributes if a.name == VARIABLE_ATTRIBUTE), None)
+        nodes.append(Node(tuple((c.local_name, c.node_id) for c in proto.children), tensor))
+    return nodes
+
+
+def _child(nodes: Sequence[Node], node: int, name: str) -> int | None:
+    return next((child for local, child in nodes[node].children if local == name), None)
+
+
+def structural_keys(nodes: Sequence[Node]) -> Dict[str, int]:
+    """``{structural key: variable node}`` for every path from the root's ``model`` child to a
+    variable that avoids Keras' bookkeeping edges (cycles are not followed)."""
+    model = _child(nodes, 0, MODEL_EDGE)
+    if model is None:
+        return {}
+    found: Dict[str, int] = {}
+    stack: List[Tuple[int, str, frozenset]] = [(model, MODEL_EDGE, frozenset({0, model}))]
+    visited = 0
+    while stack:
+        node, path, on_path = stack.pop()
+        visited += 1
+        if visited > MAX_PATHS:
+            raise ConversionError(f"the checkpoint's object graph has more than {MAX_PATHS} paths; not a SimCLRv2 model")
+        if nodes[node].tensor is not None:
+            found[path] = node
+        for name, child in nodes[node].children:
+            if name not in BOOKKEEPING_EDGES and child not in on_path:
+                stack.append((child, f"{path}/{name}", on_path | {child}))
+    return found
+
+
+def model_variable_nodes(nodes: Sequence[Node]) -> List[int]:
+    """Every variable node reachable from the root's ``model`` child by any edge except
+    ``keras_api`` (Keras metadata); optimizer slots and ``global_step`` are not among them."""
+    model = _child(nodes, 0, MODEL_EDGE)
+    if model is None:
+        return []
+    seen, stack = {model}, [model]
+    while stack:
+        for name, child in nodes[stack.pop()].children:
+            if name != "keras_api" and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return sorted(n for n in seen if nodes[n].tensor is not None)
+
+
+def read_official_variables(path: str | Path) -> OfficialVariables:
+    """The model variables of an official TF2 checkpoint or SavedModel, keyed structurally."""
+    prefix, kind = resolve_source(path)
+    tf = import_tensorflow()
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except Exception as err:  # TF raises several error types for unreadable bundles
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(f"cannot read TF checkpoint {prefix}: {first}") from err
+    shapes = reader.get_variable_to_shape_map()
+    if not reader.has_tensor(OBJECT_GRAPH_KEY):
+        sample = ", ".join(sorted(shapes)[:3])
+        raise ConversionError(f"{prefix} is a name-based (TF1) checkpoint ({sample}, ...); only object-based TF2 "
+                              "checkpoints and SavedModels of the official tf2/ code are supported")
+    nodes = parse_object_graph(reader.get_tensor(OBJECT_GRAPH_KEY))
+    keys = structural_keys(nodes)
+    variable_nodes = model_variable_nodes(nodes)
+    if not variable_nodes:
+        raise ConversionError(f"{prefix} has no 'model' object with variables; is it a SimCLRv2 checkpoint "
+                              "(tf.train.Checkpoint(model=...)) or SavedModel?")
+    first_key: Dict[int, str] = {}
+    for key, node in sorted(keys.items()):
+        first_key.setdefault(node, key)
+    names = {n: first_key.get(n, nodes[n].tensor or str(n)) for n in variable_nodes}
+    tensors = {n: nodes[n].tensor for n in variable_nodes}
+    keys = {k: n for k, n in keys.items() if n in tensors}
+    step = None
+    if reader.has_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"):
+        step = int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+    return OfficialVariables(
+        source=str(path), kind=kind, prefix=str(prefix), keys=keys, names=names, tensors=tensors,
+        shapes={k: tuple(int(d) for d in shapes[tensors[n]]) for k, n in keys.items()},
+        global_step=step, reader=reader,
+    )

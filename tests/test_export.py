@@ -1,0 +1,188 @@
+"""Export to torchvision, safetensors and ONNX (``simclrv2.export``) and the ``export`` command.
+
+The torchvision round trip checks equality with torchvision's own ResNet once its max-pool is the
+TF ``SAME`` one, and measures the documented difference of the stock ``MaxPool2d(3, 2, padding=1)``:
+nonzero when the stem output is even, none when it is odd.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import simclrv2
+from simclrv2 import cli
+from simclrv2.engine.checkpoint import save_checkpoint
+from simclrv2.export import (
+    ExportError,
+    export_model,
+    export_onnx,
+    load_safetensors,
+    model_config_of,
+    onnx_max_difference,
+    save_safetensors,
+    torchvision_resnet,
+    torchvision_state_dict,
+)
+from simclrv2.models import build_simclrv2_model
+from simclrv2.models.official_keys import official_state_dict
+
+
+def _random_model(**kwargs):
+    """``build_simclrv2_model(**kwargs)`` with LeCun-scaled random weights and random BN statistics,
+    so that signals keep their scale (the zero-initialised last gammas would hide errors). Built on
+    the meta device first: the truncated-normal init of a 1x ResNet takes seconds on a small CPU."""
+    with torch.device("meta"):
+        model = build_simclrv2_model(**kwargs)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            module.weight.data = torch.randn(module.weight.shape, generator=generator) * (1 / fan_in) ** 0.5
+            if module.bias is not None:
+                module.bias.data = 0.1 * torch.randn(module.bias.shape, generator=generator)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.weight.data = 1 + 0.2 * torch.randn(n, generator=generator)
+            if module.bias is not None:
+                module.bias.data = 0.1 * torch.randn(n, generator=generator)
+            module.running_mean = 0.1 * torch.randn(n, generator=generator)
+            module.running_var = 0.5 + torch.rand(n, generator=generator)
+            module.num_batches_tracked.zero_()
+    return model.eval()
+
+
+def _tv_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    body = copy.deepcopy(net)
+    body.fc = nn.Identity()
+    return body(x)
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return _random_model(depth=50, width_multiplier=1.0, ft_proj_selector=0, num_classes=10)
+
+
+def test_r50_loads_into_stock_torchvision_resnet50(r50):
+    state = torchvision_state_dict(r50)
+    assert not any(k.startswith("stem.") for k in state) and "conv1.weight" in state and "fc.bias" in state
+    net = torchvision.models.resnet50(num_classes=10)
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    same = torchvision_resnet(state, tf_same_pool=True)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, logits = r50(x)
+        features = r50.embed(x)
+        torch.testing.assert_close(_tv_features(same, x), features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(same(x), logits, atol=1e-5, rtol=1e-5)
+        stock_gap = (_tv_features(net, x) - features).abs().max()
+        odd = torch.rand(2, 3, 66, 66, generator=torch.Generator().manual_seed(1))  # stem output 33: odd
+        torch.testing.assert_close(net(odd), r50(odd)[1], atol=1e-5, rtol=1e-5)
+    assert stock_gap > 1e-3  # even stem output: torchvision's symmetric pool padding shifts the windows
+
+
+def test_max_pool_padding_difference_on_the_official_fixture(reference_dir):
+    """Fixture B's weights and inputs (64 px, stem output 32): the stock torchvision pool changes
+    the features a lot; at 66 px (stem output 33) it changes nothing."""
+    folder = reference_dir / "forward_B_r50_w0.125_sk0_64"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    variables = json.loads((folder / "variables.json").read_text())["variables"]
+    arrays = np.load(folder / "variables.npz", allow_pickle=False)
+    model = build_simclrv2_model(depth=50, width_multiplier=0.125, ft_proj_selector=0, num_classes=10)
+    model.load_state_dict(official_state_dict(model, {v["checkpoint_key"]: arrays[v["name"]] for v in variables}))
+    model.eval()
+    stock = copy.deepcopy(model)
+    stock.encoder.stem.pool = nn.MaxPool2d(3, 2, padding=1)
+    x = torch.from_numpy(np.load(folder / "io.npz")["input"]).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        ours, theirs = model.embed(x), stock.embed(x)
+        relative = ((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()
+        x66 = nn.functional.interpolate(x, size=(66, 66), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(stock.embed(x66), model.embed(x66), rtol=0, atol=0)
+    assert relative > 0.05
+
+
+def test_resnet18_cifar_stem_needs_the_helper(tmp_path):
+    model = _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=1, num_classes=4)
+    state = torchvision_state_dict(model)
+    assert "fc.weight" not in state  # the head reads head layer 1, not the encoder output
+    with pytest.raises(RuntimeError, match="layer1.0.downsample"):
+        torchvision.models.resnet18().load_state_dict(state, strict=True)
+    net = torchvision_resnet(state)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_tv_features(net, x), model.embed(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(depth=50, width_multiplier=1.0, sk_ratio=0.0625), "selective-kernel"),
+    (dict(depth=50, width_multiplier=0.5), "width 1x only"),
+])
+def test_torchvision_export_refuses_what_torchvision_lacks(kwargs, message):
+    with torch.device("meta"):
+        model = build_simclrv2_model(**kwargs)
+    with pytest.raises(ExportError, match=message):
+        torchvision_state_dict(model)
+
+
+def test_safetensors_round_trip_for_a_selective_kernel_model(tmp_path):
+    model = _random_model(depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_proj_layers=2,
+                          proj_out_dim=32, ft_proj_selector=2, num_classes=6)
+    model.mode = "finetune"
+    path = tmp_path / "m.safetensors"
+    save_safetensors(model, path)
+    back = load_safetensors(path)
+    assert model_config_of(back) == model_config_of(model) and back.mode == "finetune"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(simclrv2.load(path).predict(x), model.predict(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, size", [
+    (dict(depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_classes=5), 64),
+    (dict(depth=18, width_multiplier=0.25, cifar_stem=True, ft_proj_selector=1, num_classes=3), 32),
+    (dict(depth=18, width_multiplier=0.25, num_proj_layers=2), 56),
+])
+def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kwargs, size):
+    pytest.importorskip("onnxruntime")
+    model = _random_model(**kwargs)
+    path = tmp_path / "m.onnx"
+    names = export_onnx(model, path, size)
+    assert names == ["features", "projection"] + (["logits"] if kwargs.get("num_classes") else [])
+    diffs = onnx_max_difference(model, path, size, batch=3)
+    assert set(diffs) == set(names)
+    assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_export_command_on_a_run_folder(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=0, num_classes=3)
+    config = {**model_config_of(model), "mode": "finetune"}
+    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), "model_config": config,
+                                       "image_size": 32}, step=5, keep=1)
+    exported = tmp_path / "r18.safetensors"
+    assert cli.main(["export", str(tmp_path / "run"), str(exported), "--format", "safetensors"]) == 0
+    assert cli.main(["export", str(exported), str(tmp_path / "r18.pt"), "--format", "torchvision"]) == 0
+    state = torch.load(tmp_path / "r18.pt", weights_only=True)
+    assert state["fc.weight"].shape == (3, 512)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torchvision_resnet(state)(x), model(x)[1], atol=1e-5, rtol=1e-5)
+    assert cli.main(["export", str(exported), str(tmp_path / "r18.onnx"), "--format", "onnx"]) == 0
+    assert "images (N, 3, 32, 32)" in capsys.readouterr().out
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_model(model, tmp_path / "x", "keras")
+    sk_ckpt = tmp_path / "sk.safetensors"
+    save_safetensors(build_simclrv2_model(depth=18, width_multiplier=0.125, sk_ratio=0.0625), sk_ckpt)
+    assert cli.main(["export", str(sk_ckpt), str(tmp_path / "sk.pt"), "--format", "torchvision"]) == 2
+    assert "have no torchvision counterpart" in capsys.readouterr().err
