@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
-from torch import nn
 
 from simclrv2 import distributed as dist
 from simclrv2.engine.runtime import Runtime, to_device_images
@@ -54,9 +53,3 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], batches
         if y is not None:
             labels.append(y.cpu())
     return torch.cat(feats), (torch.cat(labels) if labels else None)
-
-
-def eval_mode(model: nn.Module) -> nn.Module:
-    """Put a model in inference mode and return it (for chaining)."""
-    model.eval()
-    return model

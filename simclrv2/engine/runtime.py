@@ -50,15 +50,25 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
+def _pick_device(name: str, local_rank: int, world: int = 1) -> torch.device:
+    """The device of this process: ``auto``/``cuda`` take GPU ``LOCAL_RANK`` under torchrun."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: unsupported; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif world > 1:
+            raise ConfigError(f"--device {name} would put all {world} processes on one GPU; use --device cuda "
+                              "(each process takes GPU LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose GPUs")
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{device} does not exist: {torch.cuda.device_count()} GPU(s) are visible; "
+                              "launch at most that many processes per node (torchrun --nproc_per_node)")
     elif device.type != "cpu":
         raise ConfigError(f"--device {name}: unsupported; use auto, cpu, cuda or cuda:N")
     return device
@@ -97,10 +107,16 @@ def default_threads() -> int:
 
 
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
-    """Initialise distributed training (under torchrun), threads, seeds, device and precision."""
-    rank, local_rank, world = dist.init_distributed()
+    """Join the process group (under torchrun), set threads, seeds, device and precision.
+
+    One process per device: under ``torchrun`` process ``LOCAL_RANK`` takes GPU ``LOCAL_RANK``
+    (NCCL) or, on CPUs, a share of the cores (gloo). Seeds differ per rank (``seed + rank``) so
+    ranks draw different augmentations; DDP makes the initial weights identical.
+    """
+    _, local_rank, world = dist.launch_env()
+    device = _pick_device(cfg.device, local_rank, world)
+    rank, _, world = dist.init_distributed(device)
     torch.set_num_threads(cfg.num_threads or default_threads())
-    device = _pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -111,16 +127,35 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     return Runtime(device, _pick_dtype(cfg.precision, device), channels_last, rank, world)
 
 
+def convert_global_bn(model: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norm over the global batch: ``nn.SyncBatchNorm`` on GPUs, :class:`GlobalBatchNorm` on CPUs.
+
+    The paper's global BN (official ``--global_bn``, default on): statistics are aggregated over
+    all replicas. PyTorch's SyncBatchNorm has fused CUDA kernels but refuses CPU tensors, where
+    :func:`simclrv2.distributed.convert_global_batchnorm` gives the same result.
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return dist.convert_global_batchnorm(model)
+
+
 def prepare_model(model: nn.Module, rt: Runtime, global_bn: bool, compile_model: bool) -> nn.Module:
-    """Move to the device, convert to SyncBN (global BN) and wrap in DDP when distributed."""
+    """Move to the device, use global BN when distributed, wrap in DDP and optionally compile.
+
+    The batch-norm layers of ``model`` are replaced in place, keeping its parameters, so an
+    optimiser may be built on ``model`` before or after this call. DDP syncs parameters and
+    buffers from rank 0 once, at wrapping, and then averages gradients; buffers are not
+    re-broadcast every forward (with global BN they agree anyway; without it each rank keeps
+    its own running statistics and rank 0's are saved).
+    """
     if global_bn and rt.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_global_bn(model, rt.device)
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if rt.world_size > 1 and any(p.requires_grad for p in model.parameters()):
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
     if compile_model:
         model = torch.compile(model)
     return model
@@ -146,8 +181,8 @@ def to_device_images(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if dist.world_size() > 1:
-        torch.distributed.barrier()
+    """Wait for every rank (no-op in one process)."""
+    dist.barrier()
 
 
 def describe(rt: Runtime) -> dict[str, Any]:

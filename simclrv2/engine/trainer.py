@@ -16,7 +16,6 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
-from simclrv2 import distributed as dist
 from simclrv2.config import RuntimeConfig
 from simclrv2.engine.checkpoint import capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
 from simclrv2.engine.logging import MetricsLogger
@@ -253,11 +252,3 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
             bar.close()
         logger.close()
     return {**last, "step": step, "epoch": epoch, "skipped_steps": skipped}
-
-
-def all_ranks_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity in one process)."""
-    if dist.world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value

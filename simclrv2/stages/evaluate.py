@@ -5,7 +5,9 @@ import json
 from typing import Any
 
 from simclrv2.config import ConfigError, EvaluateConfig
-from simclrv2.engine.runtime import prepare_model, setup_runtime
+import torch
+
+from simclrv2.engine.runtime import setup_runtime
 from simclrv2.stages import common as C
 from simclrv2.stages.finetune import evaluate_model
 
@@ -20,8 +22,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError(f"--checkpoint {cfg.checkpoint} has no classifier; evaluate a fine-tuned, distilled or "
                           "linear-eval-while-pretraining checkpoint")
     image_size = cfg.data.image_size or ckpt.get("image_size") or 224
-    net = prepare_model(model, rt, global_bn=False, compile_model=False)
-    result = evaluate_model(net, cfg.data, image_size, rt)
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate_model(model, cfg.data, image_size, rt)
     result = {"checkpoint": str(C.resolve_checkpoint(cfg.checkpoint)), "split": cfg.data.eval_split, **result}
     if rt.is_main:
         print(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
 from simclrv2.data.batches import split_size
@@ -23,8 +23,9 @@ from simclrv2.stages import distill, finetune, linear_eval, pretrain
 STAGE_KEYS = ("baseline", "linear_eval", "finetuned", "distilled")
 
 
-def _label_settings(cfg: PipelineConfig, num_train: int) -> list[tuple[str, LabelConfig]]:
-    """(report key, labels) for every requested amount: the labelled fraction as a decimal string."""
+def _label_settings(cfg: PipelineConfig) -> list[tuple[Optional[str], LabelConfig]]:
+    """(report key, labels) for every requested amount; per-class counts get their key once the
+    labelled fraction they amount to is known."""
     settings = []
     for count in cfg.labels_per_class:
         if int(count) <= 0:
@@ -36,7 +37,7 @@ def _label_settings(cfg: PipelineConfig, num_train: int) -> list[tuple[str, Labe
         settings.append((f"{float(fraction):g}", LabelConfig(label_fraction=float(fraction))))
     if not settings:
         raise ConfigError("give at least one of --label-fractions or --labels-per-class")
-    return [(key, labels) for key, labels in settings]
+    return settings
 
 
 def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **fields: Any) -> Any:
@@ -59,8 +60,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
 
+    settings = _label_settings(cfg)
     num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
-    settings = _label_settings(cfg, num_train)
+    if cfg.data.subset is not None:
+        num_train = min(num_train, cfg.data.subset)
     pre = pretrain.run(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
     results: dict[str, dict[str, Any]] = {}
     for key, labels in settings:
