@@ -3,15 +3,19 @@
 The official code runs under a TPU ``tf.distribute`` strategy and gathers contrastive keys with
 ``tpu_cross_replica_concat`` (tf2/objective.py). Here the same role is played by
 :func:`all_gather_with_grad`; the remaining helpers cover process-group set-up from ``torchrun``
-environment variables and exact evaluation counting across ranks.
+environment variables, exact evaluation counting across ranks, agreeing on rank 0's values
+(:func:`broadcast_object`) and global batch norm on any device (:class:`GlobalBatchNorm`, the
+official ``global_bn``, for back-ends where ``torch.nn.SyncBatchNorm`` is unavailable: CPU/gloo).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def is_dist() -> bool:
@@ -117,29 +121,190 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return out / world_size()
 
 
-def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int]:
-    """Join the process group described by ``torchrun`` variables; return ``(rank, local_rank, world)``.
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the ``torchrun`` variables, ``(0, 0, 1)`` without them.
 
-    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. Without them (or with ``WORLD_SIZE=1``)
-    nothing is initialised and ``(0, 0, 1)`` is returned. The backend defaults to ``nccl`` when
-    CUDA is available and ``gloo`` otherwise; with CUDA the local device is selected.
+    Usable before the process group exists (e.g. to pick this rank's GPU).
     """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 0, 1
     if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
         raise ValueError("WORLD_SIZE > 1 but RANK/LOCAL_RANK are unset; launch with torchrun")
-    global_rank = int(os.environ["RANK"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=global_rank,
-                            world_size=world)
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
+
+
+def init_distributed(device: Optional[torch.device] = None) -> tuple[int, int, int]:
+    """Join the process group described by ``torchrun`` variables; return ``(rank, local_rank, world)``.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
+    them (or with ``WORLD_SIZE=1``) nothing is initialised and ``(0, 0, 1)`` is returned; a second
+    call returns the existing group's values. With a CUDA ``device`` (default: ``cuda:LOCAL_RANK``
+    when CUDA is available) the group uses NCCL for CUDA tensors and gloo for CPU tensors, so
+    small CPU-side collectives also work; otherwise gloo only.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+    global_rank, local_rank, world = launch_env()
+    if world == 1:
+        return 0, 0, 1
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl", init_method="env://", rank=global_rank,
+                                world_size=world, device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", init_method="env://", rank=global_rank, world_size=world)
     return global_rank, local_rank, world
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects; identity in one process).
+
+    For values each rank would otherwise compute differently, such as a time-stamped default
+    run folder.
+    """
+    if not is_dist():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_dist():
+        dist.barrier()
+
+
+class _GlobalBatchNormFn(torch.autograd.Function):
+    """Batch norm over the union of all ranks' batches, with the matching gradient.
+
+    Forward: every rank computes its per-channel count, mean and biased variance (in float32,
+    or float64 for float64 inputs); these are all-gathered and combined exactly (parallel
+    variance formula), so the statistics are those of the concatenated global batch. Backward
+    (same convention as :class:`_AllGatherWithGrad` and ``torch.nn.SyncBatchNorm``): the
+    incoming gradient on each rank is the gradient of the sum of all ranks' losses, so the
+    global sums ``sum(dy)`` and ``sum(dy * x_hat)`` are all-reduced (SUM) to form the input
+    gradient, while the weight and bias gradients stay local and DDP averages them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
+                momentum: float, group: Any) -> torch.Tensor:  # type: ignore[override]
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = x.numel() // channels
+        if count:
+            var, mean = torch.var_mean(xf, dim=dims, unbiased=False)
+        else:
+            var = mean = xf.new_zeros(channels)
+        local = torch.cat([mean, var, mean.new_tensor([float(count)])])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        stats = torch.stack(parts)
+        counts, means, variances = stats[:, -1:], stats[:, :channels], stats[:, channels:2 * channels]
+        total = float(counts.sum())
+        if total <= 1:
+            raise ValueError(f"global batch norm needs more than 1 value per channel, got {int(total)}")
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None and running_var is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (total / (total - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        y = (xf - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            y = y * weight.to(y.dtype).view(shape)
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.has_bias = total, group, bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        dy = grad.to(mean.dtype)
+        x_hat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims)])
+        grad_weight = local[channels:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = local[:channels].to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            sums = local.clone()
+            dist.all_reduce(sums, group=ctx.group)
+            mean_dy = (sums[:channels] / ctx.total).view(shape)
+            mean_dy_xhat = (sums[channels:] / ctx.total).view(shape)
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            grad_x = ((dy - mean_dy - x_hat * mean_dy_xhat) * scale.view(shape)).to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics span all ranks (the paper's global BN), on any device.
+
+    Equivalent to ``torch.nn.SyncBatchNorm``, which supports accelerators only; this one also runs
+    on CPUs with gloo. In evaluation mode, or without a process group, it is plain batch norm.
+    Accepts (N, C) and (N, C, ...) inputs. Create it with :func:`convert_global_batchnorm`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        group = self.process_group
+        if group is None and is_dist():
+            group = dist.group.WORLD
+        if not self.training or group is None or dist.get_world_size(group) == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        return _GlobalBatchNormFn.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                        momentum, group)
+
+
+def convert_global_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every batch-norm layer of ``module`` by a :class:`GlobalBatchNorm` (in place).
+
+    Parameters and running statistics are shared with the replaced layers, so optimisers and
+    references built before the conversion stay valid. Returns the (possibly new) root module.
+    """
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, process_group, bias=module.bias is not None)
+        if module.affine:
+            out.weight = module.weight
+            out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, convert_global_batchnorm(child, process_group))
+    return out
 
 
 def cleanup() -> None:
