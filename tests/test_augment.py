@@ -176,6 +176,20 @@ def test_chunking_does_not_change_result():
     assert torch.allclose(whole, chunked, atol=1e-6)
 
 
+def test_schedule_partitions_the_batch():
+    p = SimCLRAugment(16, use_blur=True).sample_params(300, 16, 16, torch.Generator().manual_seed(10))
+    jitter, gray, blur = A.schedule(p)
+    for step in range(4):
+        chosen = torch.cat(jitter[step]).sort().values
+        assert torch.equal(chosen, torch.nonzero(p.jitter).flatten())  # each jittered image once per step
+        for op in range(4):
+            assert (p.order[jitter[step][op], step] == op).all()
+    for step_subsets in zip(*jitter):  # every jittered image gets each op exactly once
+        assert sorted(torch.cat(step_subsets).tolist()) == torch.nonzero(p.jitter).flatten().tolist()
+    assert torch.equal(gray.sort().values, torch.nonzero(p.grayscale).flatten())
+    assert torch.equal(blur.sort().values, torch.nonzero(p.blur).flatten())
+
+
 def test_finetune_augment_keeps_colours():
     x = torch.zeros(50, 3, 16, 16, dtype=torch.uint8)
     x[:, 0], x[:, 1], x[:, 2] = 200, 100, 50
@@ -339,19 +353,21 @@ def test_blur_radius_follows_official_kernel_size():
     assert torch.allclose(taps.sum(1), torch.ones(2)) and taps[0, 4] > taps[1, 4]
 
 
-def test_blur_matches_per_image_conv_with_zero_padding():
+@pytest.mark.parametrize("radius", [2, 3])  # shifted multiply-adds and depthwise conv paths
+def test_blur_matches_per_image_conv_with_zero_padding(radius):
     x = torch.rand(3, 3, 10, 10, generator=torch.Generator().manual_seed(4))
     sigma = torch.tensor([0.1, 1.0, 2.0])
-    out = A.gaussian_blur(x, sigma, 2)
+    out = A.gaussian_blur(x, sigma, radius)
+    size = 2 * radius + 1
     for i in range(3):
-        t = torch.arange(-2, 3, dtype=torch.float64)
+        t = torch.arange(-radius, radius + 1, dtype=torch.float64)
         k = torch.exp(-t**2 / (2 * sigma[i].double() ** 2))
         k = k / k.sum()
-        k2 = (k[:, None] * k[None, :]).expand(3, 1, 5, 5)
-        ref = F.conv2d(x[i:i + 1].double(), k2, padding=2, groups=3)
+        k2 = (k[:, None] * k[None, :]).expand(3, 1, size, size)
+        ref = F.conv2d(x[i:i + 1].double(), k2, padding=radius, groups=3)
         assert torch.allclose(out[i:i + 1].double(), ref, atol=1e-6)
-    ones = A.gaussian_blur(torch.ones(1, 3, 10, 10), torch.tensor([2.0]), 2)
-    assert ones[0, 0, 0, 0] < 0.9 and ones[0, 0, 5, 5] == pytest.approx(1.0)  # SAME zero padding darkens borders
+    ones = A.gaussian_blur(torch.ones(1, 3, 10, 10), torch.tensor([2.0]), radius)
+    assert ones[0, 0, 0, 0] < 0.9 and ones[0, 0, 5, 5] == pytest.approx(1.0, abs=0.02)  # zero padding darkens borders
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,12 +405,13 @@ def test_torchvision_pipeline_and_views_dataset():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_cuda_matches_cpu(interpolation):
     x = _colourful(16, 40)
-    aug = SimCLRAugment(36, use_blur=True)
+    aug = SimCLRAugment(36, use_blur=True, interpolation=interpolation)
     p = aug.sample_params(16, 40, 40, torch.Generator().manual_seed(0))
     out = aug.apply(x.cuda(), p)
     assert out.is_cuda
-    assert torch.allclose(out.cpu(), aug.apply(x, p), atol=1e-4)
+    assert (out.cpu() - aug.apply(x, p)).abs().max() < 5e-3  # cuDNN may run the blur in TF32
     g = torch.Generator(device="cuda").manual_seed(1)
     assert aug(x.cuda(), g).is_cuda

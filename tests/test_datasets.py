@@ -344,3 +344,13 @@ def test_file_loader_matches_in_memory_loader():
     a = [y for _, y in fast]
     b = [y for _, y in slow]
     assert len(a) == len(b) == len(fast) - 1 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_in_memory_loader_preloads_to_cuda():
+    ds = _grey_dataset()
+    loader = InMemoryLoader(ds, 4, seed=3, device="cuda")
+    cpu = InMemoryLoader(ds, 4, seed=3)
+    assert loader.preloaded
+    for (xa, ya), (xb, yb) in zip(loader, cpu):
+        assert xa.is_cuda and ya.is_cuda and torch.equal(xa.cpu(), xb) and torch.equal(ya.cpu(), yb)
