@@ -38,6 +38,18 @@ def student_kwargs(cfg: DistillConfig, teacher_kwargs: dict[str, Any]) -> dict[s
     return kwargs
 
 
+def _initialise_student(student: torch.nn.Module, checkpoint: str) -> None:
+    """Copy a checkpoint's encoder and projection head into the student (its classifier stays new)."""
+    source, _ = C.load_model(checkpoint)
+    wanted = {k: v for k, v in source.state_dict().items() if not k.startswith("supervised_head.")}
+    own = student.state_dict()
+    mismatched = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
+    if mismatched:
+        raise ConfigError(f"--student-init {checkpoint} does not fit the student ({mismatched[0]}); "
+                          "give a checkpoint of the student's architecture")
+    student.load_state_dict(wanted, strict=False)
+
+
 def run(cfg: DistillConfig) -> dict[str, Any]:
     """Distill the teacher into the student, evaluate the student and return the metrics."""
     if cfg.checkpoint is None:
@@ -63,6 +75,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     kwargs = student_kwargs(cfg, teacher_ckpt["model_config"])
     kwargs["num_classes"] = teacher.supervised_head.linear.out_features
     student = build_simclrv2_model(**kwargs)
+    if cfg.student_init:
+        _initialise_student(student, cfg.student_init)
     student.mode = "finetune"
     C.freeze_for_finetuning(student, -1)
     run_dir = C.start_run(cfg, "distill", rt)

@@ -65,6 +65,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.data.subset is not None:
         num_train = min(num_train, cfg.data.subset)
     pre = pretrain.run(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
+    # A same-size student starts from the pretrained network, so that a short distillation on a
+    # CPU budget can keep up with its teacher; a smaller student starts from random weights.
+    self_distillation = all(value is None for value in vars(cfg.distill.student).values())
     results: dict[str, dict[str, Any]] = {}
     for key, labels in settings:
         folder = f"labels-{labels.labels_per_class}-per-class" if key is None else f"labels-{key}"
@@ -73,7 +76,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                                         checkpoint=pre["run_dir"]))
         ft = finetune.run(_stage_cfg(cfg.finetune, cfg, stage_dir, "finetune", labels=labels,
                                      checkpoint=pre["run_dir"]))
-        ds = distill.run(_stage_cfg(cfg.distill, cfg, stage_dir, "distill", labels=labels, checkpoint=ft["run_dir"]))
+        ds = distill.run(_stage_cfg(cfg.distill, cfg, stage_dir, "distill", labels=labels, checkpoint=ft["run_dir"],
+                                    student_init=pre["run_dir"] if self_distillation else None))
         baseline_cfg = _stage_cfg(cfg.baseline, cfg, stage_dir, "baseline", labels=labels, checkpoint=None,
                                   model=copy.deepcopy(cfg.pretrain.model))
         bl = finetune.run(baseline_cfg, stage="baseline")
