@@ -162,3 +162,21 @@ def test_pipeline_report(data_dir: Path, tmp_path: Path) -> None:
     assert report["wall_time_s"] > 0
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "Fine-tuned minus baseline" in (run_dir / "report.md").read_text()
+
+
+def test_distill_student_init_copies_the_pretrained_network(pretrained: Path, data_dir: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    teacher_dir = tmp_path / "teacher"
+    _run("finetune", "--checkpoint", pretrained, "--data-dir", data_dir, "--run-dir", teacher_dir, *FAST,
+         "--labels-per-class", "4", "--train-batch-size", "20", "--train-steps", "2")
+    run_dir = tmp_path / "distill"
+    _run("distill", "--checkpoint", teacher_dir, "--data-dir", data_dir, "--run-dir", run_dir, *FAST,
+         "--train-batch-size", "32", "--train-steps", "1", "--learning-rate", "1e-12", "--student-init", pretrained)
+    student = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    source = load_checkpoint(pretrained / "checkpoints" / "last.pt")["model"]
+    for name in ("encoder.stem.conv1.weight", "projection_head.layers.0.linear.weight"):
+        torch.testing.assert_close(student[name], source[name], rtol=0, atol=1e-6)
+    code = main(["distill", "--checkpoint", str(teacher_dir), "--data-dir", str(data_dir), *FAST,
+                 "--run-dir", str(tmp_path / "bad"), "--student.width-multiplier", "0.0625",
+                 "--student-init", str(pretrained)])
+    assert code == 2 and "--student-init" in capsys.readouterr().err

@@ -88,6 +88,13 @@ def batch_norm2d(channels: int, zero_init: bool = False) -> nn.BatchNorm2d:
     return bn
 
 
+def _same_pads(x: torch.Tensor, kernel_size: int, stride: int) -> Tuple[int, int, int, int]:
+    """``F.pad`` order (left, right, top, bottom) of TF ``SAME`` padding for ``x``'s height and width."""
+    top, bottom = tf_same_padding(x.shape[-2], kernel_size, stride)
+    left, right = tf_same_padding(x.shape[-1], kernel_size, stride)
+    return left, right, top, bottom
+
+
 class MaxPool2dSame(nn.Module):
     """Max-pool with TF ``SAME`` padding (pads with -inf; bottom/right get the extra cell)."""
 
@@ -97,10 +104,9 @@ class MaxPool2dSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
-        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        pads = _same_pads(x, self.kernel_size, self.stride)
+        if any(pads):
+            x = F.pad(x, pads, value=float("-inf"))
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
@@ -113,11 +119,9 @@ class AvgPool2dSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
-        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if not (top or bottom or left or right):
+        pads = _same_pads(x, self.kernel_size, self.stride)
+        if not any(pads):
             return F.avg_pool2d(x, self.kernel_size, self.stride)
-        pads = (left, right, top, bottom)
         summed = F.avg_pool2d(F.pad(x, pads), self.kernel_size, self.stride)
         valid = F.avg_pool2d(F.pad(x.new_ones((1, 1) + tuple(x.shape[-2:])), pads), self.kernel_size, self.stride)
         return summed / valid
