@@ -134,3 +134,26 @@ def test_supervised_head_l2():
     # wd * (1 + 4 + 9) / 2, bias ignored
     assert supervised_head_l2(model, 0.1).item() == pytest.approx(0.7)
     assert supervised_head_l2(nn.Linear(2, 2), 0.1).item() == 0.0
+
+
+def test_exclude_by_name_matches_parameter_groups():
+    """``LARS(model.named_parameters(), exclude=[...])`` equals the explicit two-group set-up."""
+    torch.manual_seed(3)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    by_name = LARS(a.named_parameters(), lr=0.5, weight_decay=0.1, exclude=[r"^1\.", r"bias"])
+    decayed = [b[0].weight, b[2].weight]
+    excluded = [b[0].bias, b[1].weight, b[1].bias, b[2].bias]
+    by_group = LARS([{"params": decayed}, {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False}],
+                    lr=0.5, weight_decay=0.1)
+    x = torch.randn(8, 5)
+    for model, opt in ((a, by_name), (b, by_group)):
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="named_parameters"):
+        LARS(a.parameters(), lr=0.1, exclude=["bias"])

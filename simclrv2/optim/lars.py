@@ -15,6 +15,7 @@ builds them by module type and name.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
@@ -27,8 +28,10 @@ class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling with classic momentum (official LARSOptimizer).
 
     Group options: ``lr``, ``momentum``, ``weight_decay``, ``eta`` and ``lars_adaptation``
-    (bool). Nesterov and "popular" momentum of the official class are never used by SimCLRv2
-    and are not implemented.
+    (bool). With ``exclude`` (regular expressions, searched in parameter names as the official
+    ``exclude_from_weight_decay`` does), ``params`` must be ``model.named_parameters()``: matching
+    parameters get neither weight decay nor adaptation. Nesterov and "popular" momentum of the
+    official class are never used by SimCLRv2 and are not implemented.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         lars_adaptation: bool = True,
+        exclude: Sequence[str] = (),
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -50,6 +54,8 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"eta must be > 0, got {eta}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                         lars_adaptation=lars_adaptation)
+        if exclude:
+            params = _split_by_name(params, exclude)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -94,6 +100,18 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, updates)
         torch._foreach_sub_(params, bufs)
+
+
+def _split_by_name(named: Iterable[Any], exclude: Sequence[str]) -> list[dict[str, Any]]:
+    """Two groups from ``(name, parameter)`` pairs: kept, and excluded by regex search on the name."""
+    pairs = list(named)
+    if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in pairs):
+        raise ValueError("LARS(exclude=...) needs named parameters: pass model.named_parameters()")
+    patterns = [re.compile(pattern) for pattern in exclude]
+    excluded = [p for name, p in pairs if any(pattern.search(name) for pattern in patterns)]
+    kept = [p for name, p in pairs if not any(pattern.search(name) for pattern in patterns)]
+    groups = [{"params": kept}, {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False}]
+    return [g for g in groups if g["params"]]
 
 
 def _is_excluded_name(name: str, prefixes: Sequence[str]) -> bool:
