@@ -208,9 +208,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         dist.all_gather(parts, local, group=group)
         stats = torch.stack(parts)
         counts, means, variances = stats[:, -1:], stats[:, :channels], stats[:, channels:2 * channels]
-        total = float(counts.sum())
-        if total <= 1:
-            raise ValueError(f"global batch norm needs more than 1 value per channel, got {int(total)}")
+        total = counts.sum()  # a tensor, so torch.compile traces through without a graph break
         mean = (counts * means).sum(0) / total
         var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
         invstd = torch.rsqrt(var + eps)
@@ -223,13 +221,13 @@ class _GlobalBatchNormFn(torch.autograd.Function):
             y = y * weight.to(y.dtype).view(shape)
         if bias is not None:
             y = y + bias.to(y.dtype).view(shape)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.has_bias = total, group, bias is not None
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.group, ctx.has_bias = group, bias is not None
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd, total = ctx.saved_tensors
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, channels] + [1] * (x.dim() - 2)
@@ -242,8 +240,8 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             sums = local.clone()
             dist.all_reduce(sums, group=ctx.group)
-            mean_dy = (sums[:channels] / ctx.total).view(shape)
-            mean_dy_xhat = (sums[channels:] / ctx.total).view(shape)
+            mean_dy = (sums[:channels] / total).view(shape)
+            mean_dy_xhat = (sums[channels:] / total).view(shape)
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             grad_x = ((dy - mean_dy - x_hat * mean_dy_xhat) * scale.view(shape)).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
