@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -139,14 +140,20 @@ def convert_global_bn(model: nn.Module, device: torch.device) -> nn.Module:
     return dist.convert_global_batchnorm(model)
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops re-broadcasting buffers every forward (renamed in newer PyTorch)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def prepare_model(model: nn.Module, rt: Runtime, global_bn: bool, compile_model: bool) -> nn.Module:
     """Move to the device, use global BN when distributed, wrap in DDP and optionally compile.
 
     The batch-norm layers of ``model`` are replaced in place, keeping its parameters, so an
-    optimiser may be built on ``model`` before or after this call. DDP syncs parameters and
-    buffers from rank 0 once, at wrapping, and then averages gradients; buffers are not
-    re-broadcast every forward (with global BN they agree anyway; without it each rank keeps
-    its own running statistics and rank 0's are saved).
+    optimiser may be built on ``model`` before or after this call. DDP copies rank 0's parameters
+    to every rank at wrapping and then averages gradients; buffers are not re-broadcast every
+    forward (with global BN they agree anyway; without it each rank keeps its own running
+    statistics and rank 0's are saved).
     """
     if global_bn and rt.world_size > 1:
         model = convert_global_bn(model, rt.device)
@@ -155,7 +162,7 @@ def prepare_model(model: nn.Module, rt: Runtime, global_bn: bool, compile_model:
         model = model.to(memory_format=torch.channels_last)
     if rt.world_size > 1 and any(p.requires_grad for p in model.parameters()):
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, **_no_forward_buffer_sync())
     if compile_model:
         model = torch.compile(model)
     return model
