@@ -371,8 +371,8 @@ def test_precision_and_device_defaults():
 # --------------------------------------------------------------------------- torchrun end to end
 
 TRAIN_SIZE, E2E_IMAGE = 32, 12
-TINY = ["--dataset", "fashion_mnist", "--progress", "false", "--precision", "fp32", "--log-every-steps", "1",
-        "--eval-batch-size", "8"]
+TINY = ["--dataset", "fashion_mnist", "--device", "cpu", "--progress", "false", "--precision", "fp32",
+        "--log-every-steps", "1", "--eval-batch-size", "8"]  # gloo on CPUs, also on machines with GPUs
 
 
 def _write_idx(directory: Path, prefix: str, n: int, gen: torch.Generator) -> None:
