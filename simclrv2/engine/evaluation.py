@@ -9,7 +9,6 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from simclrv2 import distributed as dist
 from simclrv2.engine.runtime import Runtime, to_device_images
 
 
@@ -31,7 +30,7 @@ def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch
             logits = logits_fn(x)
         top1, top5 = topk_correct(logits.float(), labels.to(logits.device))
         counts += torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64)
-    if dist.world_size() > 1:
+    if rt.world_size > 1:
         counts = counts.to(rt.device)
         torch.distributed.all_reduce(counts)
         counts = counts.cpu()

@@ -247,6 +247,8 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     save()
             if batch_in_epoch:
                 save()
+        if rt.world_size > 1:  # later readers (next stage, other ranks) see the final checkpoint
+            torch.distributed.barrier()
     finally:
         if bar is not None:
             bar.close()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from simclrv2 import data as D
+from simclrv2.distributed import broadcast_object
 from simclrv2.data.batches import native_image_size
 from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, save_config
 from simclrv2.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
@@ -25,7 +26,7 @@ from simclrv2.optim import LARS, lars_param_groups, num_train_steps, warmup_cosi
 def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
     """The run folder (``runs/<stage>-<time>`` by default), created on the main rank."""
     if runtime.run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S"))  # one folder for all ranks
         runtime.run_dir = str(Path("runs") / f"{stage}-{stamp}")
         if rt.is_main:
             print(f"writing to {runtime.run_dir}")

@@ -73,7 +73,7 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
         total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
         checkpoint_meta={**C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, full.classes),
                          "feature_selector": cfg.ft_proj_selector})
-    metrics = train(task, one_rank, cfg.runtime, run_dir)
+    metrics = train(task, rt, cfg.runtime, run_dir)  # identical on every rank; rank 0 writes
     classifier.eval()
     result = evaluate_classifier(classifier, B.TensorBatches(eval_x, eval_y, cfg.data.eval_batch_size, shuffle=False,
                                                              device=rt.device), one_rank, lambda t: t)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+from simclrv2 import distributed as D
 from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
 from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
@@ -53,12 +54,15 @@ def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage and write the report; returns the report dict."""
     start = time.perf_counter()
+    D.init_distributed()  # under torchrun: one process group for all stages; rank 0 writes
     if cfg.runtime.run_dir is None:
-        cfg.runtime.run_dir = str(Path("runs") / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"writing to {cfg.runtime.run_dir}")
+        cfg.runtime.run_dir = str(Path("runs") / f"pipeline-{D.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))}")
+        if D.is_main():
+            print(f"writing to {cfg.runtime.run_dir}")
     run_dir = Path(cfg.runtime.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    if D.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
 
     settings = _label_settings(cfg)
     num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
@@ -90,5 +94,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         }
     report = {"label_fractions": results, "wall_time_s": round(time.perf_counter() - start, 1),
               "pretrain": {k: pre[k] for k in ("step", "linear_eval_top1") if k in pre}}
-    write_pipeline_report(report, run_dir)
+    if D.is_main():
+        write_pipeline_report(report, run_dir)
     return report

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from simclrv2.data import batches as B
+from simclrv2.distributed import all_gather_nograd
 from simclrv2.config import ConfigError, PretrainConfig
 from simclrv2.engine.evaluation import evaluate_classifier
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images, unwrap
@@ -93,7 +94,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         return loss, metrics
 
     def after_step(step: int) -> None:
-        queue.enqueue(new_keys.pop(), gather=True)
+        k1, k2 = new_keys.pop().chunk(2)  # all ranks' view-1 keys, then view-2 keys: single-process order
+        queue.enqueue(torch.cat([all_gather_nograd(k1), all_gather_nograd(k2)]))
         ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
     end_of_epoch = None
