@@ -187,11 +187,6 @@ def to_device_images(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return images
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    dist.barrier()
-
-
 def describe(rt: Runtime) -> dict[str, Any]:
     return {"device": str(rt.device), "precision": str(rt.dtype or torch.float32).replace("torch.", ""),
             "channels_last": rt.channels_last, "world_size": rt.world_size, "threads": torch.get_num_threads()}

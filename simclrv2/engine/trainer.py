@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
+from simclrv2 import distributed as dist
 from simclrv2.config import RuntimeConfig
 from simclrv2.engine.checkpoint import capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
 from simclrv2.engine.logging import MetricsLogger
@@ -81,7 +82,6 @@ class TrainTask:
     after_step: Optional[Callable[[int], None]] = None
     end_of_epoch: Optional[Callable[[int], dict[str, Any]]] = None
     stateful: dict[str, Stateful] = field(default_factory=dict)
-    trainable_parameters: Optional[list[nn.Parameter]] = None
 
 
 class _StopFlag:
@@ -173,7 +173,6 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     step, epoch, batch_in_epoch = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0)
     stop_at = min(task.total_steps, cfg.max_steps) if cfg.max_steps else task.total_steps
     steps_per_epoch = len(task.batches)
-    params = task.trainable_parameters or [p for p in task.model.parameters() if p.requires_grad]
     last: dict[str, Any] = {}
     skipped = 0
     bar = _progress(stop_at, step, cfg.progress and rt.is_main, task.stage)
@@ -247,8 +246,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     save()
             if batch_in_epoch:
                 save()
-        if rt.world_size > 1:  # later readers (next stage, other ranks) see the final checkpoint
-            torch.distributed.barrier()
+        dist.barrier()  # later readers (the next stage, other ranks) see the final checkpoint
     finally:
         if bar is not None:
             bar.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -301,7 +300,3 @@ def labelled_loss_weight_decay(model: nn.Module, optim: OptimConfig) -> Any:
     if optim.optimizer != "lars" or optim.weight_decay == 0:
         return 0.0
     return supervised_head_l2(model, optim.weight_decay)
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.floor(num_examples / batch_size))

@@ -9,7 +9,6 @@ Rerunning the command in the same run folder resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -98,22 +98,22 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         queue.enqueue(torch.cat([all_gather_nograd(k1), all_gather_nograd(k2)]))
         ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
-    end_of_epoch = None
-    if has_labels:
-        eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
-        preprocess = B.eval_preprocess(image_size)
+    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size) if has_labels else None
+    preprocess = B.eval_preprocess(image_size)
 
-        def end_of_epoch(epoch: int) -> dict[str, Any]:
-            net.eval()
-            result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-                eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
-            return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
+    def linear_eval(epoch: int) -> dict[str, Any]:
+        """Accuracy of the linear head trained on stop-gradient features (official monitor)."""
+        net.eval()
+        result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
+            eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
+        return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
 
     task = TrainTask(
         stage="pretrain", model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
         total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
         checkpoint_meta=C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, train_set.classes if has_labels else None),
-        after_step=after_step if cfg.use_memory else None, end_of_epoch=end_of_epoch, stateful=stateful)
+        after_step=after_step if cfg.use_memory else None, end_of_epoch=linear_eval if has_labels else None,
+        stateful=stateful)
     metrics = train(task, rt, cfg.runtime, run_dir)
     if rt.is_main:
         print_summary("pretrain", run_dir, metrics, describe(rt))
