@@ -1,0 +1,244 @@
+"""One benchmark measurement, run in its own process by ``run.py``.
+
+``python benchmarks/measure.py '<spec JSON>'`` prints ``RESULT <JSON>`` as its last line. A fresh
+process per measurement gives each side the same clean start (threads, oneDNN caches, peak
+memory) and lets the peak memory of a DataLoader's workers be attributed to the right side.
+
+Specs (``kind``):
+* ``augment_ours``: ``SimCLRAugment`` two views of whole uint8 batches gathered at random from
+  an in-memory set (what the ``batched`` pretraining path does per step), on ``device``.
+* ``augment_reference``: the torchvision per-image pipeline in a DataLoader (``reference.py``).
+* ``e2e_ours``: ``simclrv2.stages.pretrain.run`` itself on a config from
+  ``simclrv2.config.build``: our model, batched augmentation, NT-Xent, LARS, the shared loop and
+  its runtime defaults (bf16 autocast where supported, channels-last). The batch source and the
+  view maker are wrapped with timers (nothing else changes) to split the step into data wait,
+  augmentation and the rest.
+* ``e2e_reference``: the reference loop (``reference.py``) on the same model, data and batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import reference  # noqa: E402
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# The two end-to-end configurations of the issue; ``overrides`` go to ``simclrv2.config.build``.
+E2E_MODELS: dict[str, dict[str, Any]] = {
+    # The embedded default: what ``simclrv2 pipeline`` pretrains (preset "embedded": ResNet-18
+    # at width 0.25, CIFAR stem, 28 px Fashion-MNIST, batch 256, T = 0.2).
+    "embedded": {"dataset": "embedded", "overrides": {}},
+    # ResNet-18 (width 1) with the CIFAR stem, batch 256, 32 px (preset "cifar": T = 0.5, s = 0.5).
+    "resnet18": {"dataset": "cifar10", "overrides": {
+        "model": {"resnet_depth": 18, "width_multiplier": 1.0, "cifar_stem": True},
+        "optim": {"train_batch_size": 256}}},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory(device: torch.device, sampler: common.MemorySampler) -> dict[str, float]:
+    out = {"peak_mem_mib": sampler.peak_mib, "peak_rss_main_mib": common.peak_rss_mib()}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    from simclrv2.data.augment import SimCLRAugment
+
+    device = torch.device(spec["device"])
+    size, batch = spec["size"], spec["batch_size"]
+    with common.MemorySampler() as mem:
+        images = torch.from_numpy(common.synthetic_images(spec["num_images"], size)).to(device)
+        augment = SimCLRAugment(size, color_jitter_strength=spec["strength"], use_blur=size > 32)
+        generator = torch.Generator(device=device).manual_seed(0)
+        picker = torch.Generator().manual_seed(1)
+        times = []
+        for _ in range(spec["warmup"] + spec["batches"]):
+            t0 = time.perf_counter()
+            idx = torch.randint(len(images), (batch,), generator=picker).to(device)
+            x = images.index_select(0, idx)
+            views = (augment(x, generator), augment(x, generator))
+            _sync(device)
+            times.append(time.perf_counter() - t0)  # includes the gather, as the loader's batch would
+        timed = times[spec["warmup"]:]
+    lo, hi = float(min(min(v.min() for v in views), 0)), float(max(v.max() for v in views))
+    return {"images_per_s": batch * len(timed) / sum(timed), "s_per_batch": sum(timed) / len(timed),
+            "batch_size": batch, "timed_batches": len(timed), "threads": torch.get_num_threads(),
+            "output_range": [lo, hi], "device": str(device), **_memory(device, mem)}
+
+
+def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
+    size, batch, workers = spec["size"], spec["batch_size"], spec["workers"]
+    with common.MemorySampler() as mem:
+        images = reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], size))
+        loader = reference.make_loader(images, size, batch, workers, spec["strength"])
+        timer = common.StepTimer()
+        for i, _ in enumerate(timer.wrap(loader)):
+            timer.end_step()
+            if i + 1 == spec["warmup"] + spec["batches"]:
+                break
+        result = timer.summary(spec["warmup"], batch)
+        del loader
+    return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
+            "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
+            "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+def _data_dir(dataset: str, tmp: Path) -> str | None:
+    """Where the e2e data comes from: the real Fashion-MNIST files when installed, else (and
+    always for CIFAR-10, which this machine lacks) synthetic files in the same format."""
+    if dataset == "embedded":
+        if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+            return None
+        return str(common.write_synthetic_fashion_mnist(tmp / "fmnist", 60000, 1000))
+    return str(common.write_synthetic_cifar10(tmp / "cifar", 10240, 512))
+
+
+def _config(spec: dict[str, Any], data_dir: str | None, run_dir: Path):
+    from simclrv2.config import build
+
+    model = E2E_MODELS[spec["model"]]
+    overrides = json.loads(json.dumps(model["overrides"]))
+    overrides.setdefault("data", {}).update({"dataset": model["dataset"], "data_dir": data_dir})
+    overrides.setdefault("optim", {})["train_steps"] = 1000  # schedule length; we stop earlier
+    overrides["runtime"] = {
+        "device": spec["device"], "max_steps": spec["warmup"] + spec["steps"], "log_every_steps": 1,
+        "checkpoint_steps": 10**9, "progress": False, "resume": False, "run_dir": str(run_dir),
+        **spec.get("runtime", {})}
+    return build("pretrain", overrides)
+
+
+class _TimedSource:
+    """A batch source whose iteration goes through a :class:`common.StepTimer`."""
+
+    def __init__(self, source, timer: common.StepTimer):
+        self._source, self._timer = source, timer
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._source.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __iter__(self):
+        return self._timer.wrap(self._source)
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+
+def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    import simclrv2.data.batches as batches
+    from simclrv2.stages import pretrain
+
+    device = torch.device(spec["device"])
+    timer = common.StepTimer()
+    original = batches.pretrain_views
+
+    def timed_pretrain_views(*args, **kwargs):
+        source, make_views = original(*args, **kwargs)
+
+        def timed_views(batch, generator):
+            _sync(device)
+            t0 = time.perf_counter()
+            views = make_views(batch, generator)
+            _sync(device)
+            timer.mark("augment", time.perf_counter() - t0)
+            return views
+        return _TimedSource(source, timer), timed_views
+
+    batches.pretrain_views = timed_pretrain_views
+    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler() as mem:
+        cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
+        pretrain.run(cfg)
+        logged = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    batch = cfg.optim.train_batch_size
+    steps = [r for r in logged if r.get("kind") == "step"]
+    timer.step_ends = [r["time"] for r in steps]  # logged right after each step (log_every_steps=1)
+    result = timer.summary(spec["warmup"], batch)
+    per_step = [r["images_per_s"] for r in steps][spec["warmup"]:]
+    return {**result, "loop_images_per_s_median": float(np.median(per_step)) if per_step else None,
+            "batch_size": batch, "image_size": cfg.data.image_size or (28 if spec["model"] == "embedded" else 32),
+            "precision": cfg.runtime.precision, "channels_last": cfg.runtime.channels_last,
+            "threads": torch.get_num_threads(), "device": str(device), **_memory(device, mem)}
+
+
+def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
+    from simclrv2.data import build_dataset
+    from simclrv2.models import build_simclrv2_model
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler() as mem:
+        cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
+        data = build_dataset(cfg.data.dataset, cfg.data.data_dir, "train")
+        images = reference.to_hwc_rgb(data.images.numpy())
+        del data
+        size = images.shape[1]
+        m = cfg.model
+        model = build_simclrv2_model(m.resnet_depth, m.width_multiplier, m.sk_ratio, bool(m.cifar_stem),
+                                     m.num_proj_layers, m.proj_out_dim, m.ft_proj_selector).to(device)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        batch = cfg.optim.train_batch_size
+        loader = reference.make_loader(images, size, batch, spec["workers"], cfg.data.color_jitter_strength)
+        timer = common.StepTimer()
+        for i, (views, _) in enumerate(timer.wrap(loader)):
+            loss = reference.train_step(model, optimizer, views, cfg.temperature, device)
+            _sync(device)
+            timer.end_step()
+            if i + 1 == spec["warmup"] + spec["steps"]:
+                break
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"reference loss is {float(loss)}")
+        result = timer.summary(spec["warmup"], batch)
+        del loader
+    return {**result, "batch_size": batch, "image_size": size, "workers": spec["workers"], "precision": "fp32",
+            "channels_last": False, "threads": torch.get_num_threads(), "device": str(device),
+            **_memory(device, mem)}
+
+
+KINDS = {"augment_ours": augment_ours, "augment_reference": augment_reference,
+         "e2e_ours": e2e_ours, "e2e_reference": e2e_reference}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python benchmarks/measure.py '<spec JSON>' (run.py writes the specs)", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[0])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    load_before = common.load_average()
+    result = KINDS[spec["kind"]](spec)
+    result.update(load_before=load_before, load_after=common.load_average(), pid=os.getpid())
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
