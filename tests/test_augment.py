@@ -415,3 +415,17 @@ def test_cuda_matches_cpu(interpolation):
     assert (out.cpu() - aug.apply(x, p)).abs().max() < 5e-3  # cuDNN may run the blur in TF32
     g = torch.Generator(device="cuda").manual_seed(1)
     assert aug(x.cuda(), g).is_cuda
+
+
+def test_augmentation_is_float32_under_autocast():
+    """The training step runs inside autocast; the views must not depend on it."""
+    images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
+    aug = SimCLRAugment(32, use_blur=True)
+    params = aug.sample_params(8, 40, 40, torch.Generator().manual_seed(0))
+    plain = aug.apply(images, params)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = aug.apply(images, params)
+        evaluated = EvalTransform(48)(images)
+    assert under.dtype == torch.float32 and evaluated.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+    torch.testing.assert_close(evaluated, EvalTransform(48)(images), rtol=0, atol=0)

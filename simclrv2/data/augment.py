@@ -34,6 +34,8 @@ CPU the batch is processed in cache-sized chunks.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Sequence
 
@@ -424,6 +426,16 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # The augmentation
 # ----------------------------------------------------------------------------------------------
+def _float32_math(method):
+    """Keep image arithmetic in float32 under a caller's autocast: the training step runs inside
+    autocast, where fp16 would overflow the resize and colour ops and bf16 would blur colours."""
+    @functools.wraps(method)
+    def wrapper(self, images: Tensor, *args, **kwargs):
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return method(self, images, *args, **kwargs)
+    return wrapper
+
+
 class SimCLRAugment:
     """One random SimCLR view of every image in a batch (official ``preprocess_for_train`` +
     ``batch_random_blur``), with independent parameters per image.
@@ -493,6 +505,7 @@ class SimCLRAugment:
             sigma=_uniform(n, 0.1, 2.0, g, device),
         )
 
+    @_float32_math
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """Apply given parameters to (N, C, H, W) images; returns float32 (N, 3, S, S) in [0, 1].
 
@@ -559,6 +572,7 @@ class EvalTransform:
         self.crop_proportion = crop_proportion
         self.interpolation = interpolation
 
+    @_float32_math
     def __call__(self, images: Tensor) -> Tensor:
         _check_batch(images)
         images = _as_rgb(images)
