@@ -126,7 +126,7 @@ class MemorySampler:
 
     def _run(self) -> None:
         pid = os.getpid()
-        while not self._stop.is_set():
+        while self.interval > 0 and not self._stop.is_set():
             self.peak_kib = max(self.peak_kib, sum(_pss_kib(p) for p in _process_tree(pid)))
             self._stop.wait(self.interval)
 

@@ -30,7 +30,8 @@ which step, grayscale, blur), on the index subset of images that need it, found 
 and one host-device synchronisation per view. The bicubic resize is two batched matrix
 products with per-image interpolation matrices, the bilinear one two 1-D ``grid_sample``
 passes; HSV hue and saturation are closed-form (no HSV round trip, no ``torch.where``). On
-CPU the batch is processed in cache-sized chunks.
+CPU the batch is processed in cache-sized chunks, and uint8 batches go through the fused Numba
+kernel of ``augment_kernel.py`` instead (the same function in one compiled pass per image).
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from simclrv2.data import augment_kernel
 
 CPU_CHUNK_PIXELS = 1_200_000  # pixels per chunk on CPU (keeps intermediates cache-resident)
 CROP_PROPORTION = 0.875  # official CROP_PROPORTION, used for eval centre crops (ImageNet standard)
@@ -182,10 +185,11 @@ def _triangle(d: Tensor) -> Tensor:
 _KERNELS: dict[str, tuple[Callable[[Tensor], Tensor], int]] = {"bicubic": (_keys_cubic, 2), "bilinear": (_triangle, 1)}
 
 
-def interpolation_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                         interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Matrices ``(N, out_size, in_size)`` resampling the segment ``[start, start+length)`` of an
-    axis of ``in_size`` pixels to ``out_size`` pixels.
+def interpolation_taps(start: Tensor, length: Tensor, in_size: int, out_size: int,
+                       interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Source indices and weights ``(N, out_size, K)`` resampling the segment ``[start,
+    start+length)`` of an axis of ``in_size`` pixels to ``out_size`` pixels (K = 4 bicubic, 2
+    bilinear).
 
     Half-pixel centres: output ``s`` samples source position ``start + (s + 0.5) * length /
     out_size - 0.5``; kernel taps outside the segment get weight 0 and each row is renormalised,
@@ -202,9 +206,15 @@ def interpolation_matrix(start: Tensor, length: Tensor, in_size: int, out_size: 
     centre = start + (s + 0.5) * length / out_size - 0.5
     taps = torch.floor(centre) + torch.arange(1 - radius, radius + 1, device=device, dtype=dtype)
     weights = kernel(taps - centre) * ((taps >= start) & (taps < start + length))
-    weights = weights / weights.sum(-1, keepdim=True)
-    matrix = torch.zeros(start.shape[0], out_size, in_size, device=device, dtype=dtype)
-    return matrix.scatter_add_(2, taps.long().clamp(0, in_size - 1), weights)
+    return taps.long().clamp(0, in_size - 1), weights / weights.sum(-1, keepdim=True)
+
+
+def interpolation_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int,
+                         interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Matrices ``(N, out_size, in_size)`` of :func:`interpolation_taps`."""
+    taps, weights = interpolation_taps(start, length, in_size, out_size, interpolation, dtype)
+    matrix = torch.zeros(start.shape[0], out_size, in_size, device=start.device, dtype=dtype)
+    return matrix.scatter_add_(2, taps, weights)
 
 
 def _bilinear_grid(start: Tensor, length: Tensor, in_size: int, out_size: int,
@@ -455,7 +465,8 @@ class SimCLRAugment:
                  crop: bool = True, flip: bool = True, color: bool = True, grayscale_p: float = 0.2,
                  color_p: float = 0.8, blur_p: float = 0.5, interpolation: str = "bicubic",
                  area_range: tuple[float, float] = (0.08, 1.0),
-                 aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3), chunk_size: Optional[int] = None):
+                 aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3), chunk_size: Optional[int] = None,
+                 fused: Optional[bool] = None):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if color_jitter_strength < 0:
@@ -474,6 +485,9 @@ class SimCLRAugment:
         self.area_range, self.aspect_ratio_range = area_range, aspect_ratio_range
         self.blur_radius = blur_kernel_radius(image_size)
         self.chunk_size = chunk_size
+        if fused and not augment_kernel.available():
+            raise ValueError("fused=True needs Numba (pip install numba); use fused=None to fall back")
+        self.fused = augment_kernel.available() if fused is None else fused
 
     def __repr__(self) -> str:
         return (f"SimCLRAugment(image_size={self.image_size}, s={self.strength}, crop={self.crop}, "
@@ -509,12 +523,15 @@ class SimCLRAugment:
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """Apply given parameters to (N, C, H, W) images; returns float32 (N, 3, S, S) in [0, 1].
 
-        On CPU the batch is processed in chunks (``chunk_size`` images, default about 1.2 M
-        pixels) so that intermediates stay in cache; the result does not depend on the chunking.
+        uint8 batches on CPU use the fused kernel when ``self.fused``; otherwise the batch is
+        processed in chunks (``chunk_size`` images, default about 1.2 M pixels on CPU) so that
+        intermediates stay in cache. Neither changes the result beyond float rounding.
         """
         _check_batch(images)
         if len(params) != images.shape[0]:
             raise ValueError(f"got parameters for {len(params)} images but a batch of {images.shape[0]}")
+        if self.fused and images.device.type == "cpu" and images.dtype == torch.uint8:
+            return self._apply_fused(images, params.to(images.device))
         images = _as_rgb(images)
         params = params.to(images.device)
         n = images.shape[0]
@@ -539,6 +556,22 @@ class SimCLRAugment:
             blurred = gaussian_blur(x.index_select(0, blur), params.sigma.index_select(0, blur), self.blur_radius)
             x.index_copy_(0, blur, blurred.clamp_(0.0, 1.0))
         return x
+
+    def _apply_fused(self, images: Tensor, params: AugmentParams) -> Tensor:
+        _, _, height, width = images.shape
+        size = self.image_size
+        taps_y, weights_y = interpolation_taps(params.boxes[:, 0], params.boxes[:, 2], height, size, self.interpolation)
+        taps_x, weights_x = interpolation_taps(params.boxes[:, 1], params.boxes[:, 3], width, size, self.interpolation)
+        flip = params.flip[:, None, None]
+        taps_x, weights_x = torch.where(flip, taps_x.flip(1), taps_x), torch.where(flip, weights_x.flip(1), weights_x)
+        jitter = params.jitter & self.color
+        order = torch.where(jitter[:, None], params.order, augment_kernel.NO_OP)
+        factors = torch.stack([params.brightness, params.contrast, params.saturation, params.hue], dim=1)
+        blur = params.blur & (self.use_blur and self.blur_radius > 0)
+        blur_taps = gaussian_taps(params.sigma, max(self.blur_radius, 0))
+        return augment_kernel.augment_views(
+            images, taps_y, weights_y, taps_x.transpose(1, 2), weights_x.transpose(1, 2), order, factors,
+            params.grayscale & self.color, blur, blur_taps, size)
 
     def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         _check_batch(images)
