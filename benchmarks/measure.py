@@ -68,7 +68,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     size, batch = spec["size"], spec["batch_size"]
-    with common.MemorySampler(spec.get("mem_interval", 0.1)) as mem:
+    with common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
         images = torch.from_numpy(common.synthetic_images(spec["num_images"], size)).to(device)
         augment = SimCLRAugment(size, color_jitter_strength=spec["strength"], use_blur=size > 32)
         generator = torch.Generator(device=device).manual_seed(0)
@@ -90,7 +90,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
     size, batch, workers = spec["size"], spec["batch_size"], spec["workers"]
-    with common.MemorySampler(spec.get("mem_interval", 0.1)) as mem:
+    with common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
         images = reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], size))
         loader = reference.make_loader(images, size, batch, workers, spec["strength"])
         timer = common.StepTimer()
@@ -172,7 +172,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
         return _TimedSource(source, timer), timed_views
 
     batches.pretrain_views = timed_pretrain_views
-    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", 0.1)) as mem:
+    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         pretrain.run(cfg)
         logged = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -193,7 +193,7 @@ def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", 0.1)) as mem:
+    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         data = build_dataset(cfg.data.dataset, cfg.data.data_dir, "train")
         images = reference.to_hwc_rgb(data.images.numpy())
