@@ -200,10 +200,11 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
-def run_ablation(mode: str, device: str) -> dict[str, Any]:
-    """Our pretraining throughput per precision / memory-format setting, both e2e models."""
+def run_ablation(mode: str, device: str, models: list[str]) -> dict[str, Any]:
+    """Our pretraining throughput per precision / memory-format setting, for each e2e model."""
     out: dict[str, Any] = {}
-    for model, (warmup, steps) in ABLATION_STEPS[mode].items():
+    for model in models:
+        warmup, steps = ABLATION_STEPS[mode][model]
         rows: dict[str, Any] = {}
         for name, runtime in ABLATION.items():
             r = measure({"kind": "e2e_ours", "model": model, "device": device, "warmup": warmup, "steps": steps,
@@ -313,9 +314,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             ref_runs[key].append([measure(s) for s in ref_specs])
 
     results: dict[str, Any] = {key: _summarise(key, ours_runs[key], ref_runs[key]) for key in args.only}
-    if ablation:
+    ablation_models = [key.split("_", 1)[1] for key in args.only if key.startswith("e2e_")]
+    if ablation and ablation_models:
         print("ablation (our loop)", flush=True)
-        results["ablation"] = run_ablation(mode, args.device)
+        results["ablation"] = run_ablation(mode, args.device, ablation_models)
     results["meta"] = {"mode": mode, "repeats": repeats, "plan": plan, "machine": _machine(args.device),
                        "augment_strength": STRENGTH, "data_wait_target": DATA_WAIT_TARGET,
                        "wait_quiet_cores": args.wait_quiet, "ours_env": OURS_ENV,
