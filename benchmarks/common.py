@@ -98,15 +98,14 @@ def _process_tree(pid: int) -> list[int]:
 
 def _pss_kib(pid: int) -> int:
     """Proportional set size (shared pages split between sharers; falls back to RSS)."""
+    return _proc_kib(pid, "smaps_rollup", "Pss:") or _proc_kib(pid, "status", "VmRSS:")
+
+
+def _proc_kib(pid: int, name: str, key: str) -> int:
+    """The kiB value of line ``key`` in ``/proc/PID/NAME``; 0 if absent or unreadable."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1])
     except OSError:
         pass
