@@ -568,7 +568,7 @@ class SimCLRAugment:
         order = torch.where(jitter[:, None], params.order, augment_kernel.NO_OP)
         factors = torch.stack([params.brightness, params.contrast, params.saturation, params.hue], dim=1)
         blur = params.blur & (self.use_blur and self.blur_radius > 0)
-        blur_taps = gaussian_taps(params.sigma, max(self.blur_radius, 0))
+        blur_taps = gaussian_taps(params.sigma, self.blur_radius)
         return augment_kernel.augment_views(
             images, taps_y, weights_y, taps_x.transpose(1, 2), weights_x.transpose(1, 2), order, factors,
             params.grayscale & self.color, blur, blur_taps, size)
