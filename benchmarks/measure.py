@@ -11,8 +11,9 @@ Specs (``kind``):
 * ``e2e_ours``: ``simclrv2.stages.pretrain.run`` itself on a config from
   ``simclrv2.config.build``: our model, batched augmentation, NT-Xent, LARS, the shared loop and
   its runtime defaults (bf16 autocast where supported, channels-last). The batch source and the
-  view maker are wrapped with timers (nothing else changes) to split the step into data wait,
-  augmentation and the rest.
+  view maker are wrapped with timers, and hooks time the model's training forward and the
+  optimiser step (nothing else changes), to split the step into data wait, augmentation,
+  forward, optimiser, and backward with the rest.
 * ``e2e_reference``: the reference loop (``reference.py``) on the same model, data and batch.
 """
 from __future__ import annotations
@@ -151,13 +152,57 @@ class _TimedSource:
         return getattr(self._source, name)
 
 
+def _time_forward(net: torch.nn.Module, timer: common.StepTimer, device: torch.device) -> None:
+    """Mark each training-mode forward of ``net`` as the step's ``forward`` phase."""
+    started: list[float] = []
+
+    def before(module, args):
+        if module.training:
+            _sync(device)
+            started[:] = [time.perf_counter()]
+
+    def after(module, args, output):
+        if module.training:
+            _sync(device)
+            timer.mark("forward", time.perf_counter() - started[0])
+    net.register_forward_pre_hook(before)
+    net.register_forward_hook(after)
+
+
+def _time_optimizer(optimizer: torch.optim.Optimizer, timer: common.StepTimer, device: torch.device) -> None:
+    """Mark each ``optimizer.step()`` as the step's ``optimizer`` phase."""
+    started: list[float] = []
+
+    def before(opt, args, kwargs):
+        _sync(device)
+        started[:] = [time.perf_counter()]
+
+    def after(opt, args, kwargs):
+        _sync(device)
+        timer.mark("optimizer", time.perf_counter() - started[0])
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
+
+
 def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
     import simclrv2.data.batches as batches
+    import simclrv2.stages.common as stage_common
     from simclrv2.stages import pretrain
 
     device = torch.device(spec["device"])
     timer = common.StepTimer()
     original = batches.pretrain_views
+    original_prepare, original_optimizer = pretrain.prepare_model, stage_common.build_optimizer
+
+    def timed_prepare_model(*args, **kwargs):
+        net = original_prepare(*args, **kwargs)
+        _time_forward(net, timer, device)
+        return net
+
+    def timed_build_optimizer(*args, **kwargs):
+        optimizer = original_optimizer(*args, **kwargs)
+        _time_optimizer(optimizer, timer, device)
+        return optimizer
 
     def timed_pretrain_views(*args, **kwargs):
         source, make_views = original(*args, **kwargs)
@@ -172,6 +217,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
         return _TimedSource(source, timer), timed_views
 
     batches.pretrain_views = timed_pretrain_views
+    pretrain.prepare_model, stage_common.build_optimizer = timed_prepare_model, timed_build_optimizer
     with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         pretrain.run(cfg)

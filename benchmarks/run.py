@@ -164,6 +164,8 @@ def _summarise(key: str, ours_runs: list[dict], ref_runs: list[list[dict]]) -> d
     if "cuda_max_allocated_mib" in ours and "cuda_max_allocated_mib" in ref:
         out["cuda_memory_ratio"] = ours["cuda_max_allocated_mib"] / ref["cuda_max_allocated_mib"]
     out["target_met"] = out["ratio"] >= TARGETS[key]
+    if key.startswith("e2e"):
+        out["ours_step_breakdown"] = step_breakdown(ours)
     if key == "e2e_resnet18":
         out["data_wait_fraction"] = ours["data_wait_fraction"]
         out["augment_fraction"] = ours.get("augment_fraction")
@@ -172,6 +174,13 @@ def _summarise(key: str, ours_runs: list[dict], ref_runs: list[list[dict]]) -> d
         out["input_fraction"] = ours["data_wait_fraction"] + (ours.get("augment_fraction") or 0.0)
         out["input_fraction_target_met"] = out["input_fraction"] < DATA_WAIT_TARGET
     return out
+
+
+def step_breakdown(result: dict[str, Any]) -> dict[str, float]:
+    """Fractions of our training step: input (data wait, augmentation), forward, optimiser, and
+    the remainder (loss, backward, logging)."""
+    parts = {name: result.get(f"{name}_fraction") or 0.0 for name in ("data_wait", "augment", "forward", "optimizer")}
+    return {**parts, "backward_and_rest": 1.0 - sum(parts.values())}
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -237,6 +246,11 @@ def print_table(results: dict[str, Any]) -> None:
     if noisy:
         print(f"warning: other programs used > {NOISY} cores during: {', '.join(noisy)}; repeat when the machine "
               "is quiet (--wait-quiet 0.2)")
+    for key in KEYS:
+        breakdown = (results.get(key) or {}).get("ours_step_breakdown")
+        if breakdown:
+            print(f"{key} ours, share of the step: " + ", ".join(f"{name.replace('_', ' ')} {share:.1%}"
+                                                               for name, share in breakdown.items()))
     e2e = results.get("e2e_resnet18")
     if e2e and e2e.get("ours"):
         print(f"e2e_resnet18 ours: data wait {e2e['data_wait_fraction']:.2%} of the step (target < "
