@@ -1,0 +1,98 @@
+"""The benchmark harness's arithmetic: step timing, step shares and ours / reference ratios.
+
+The measurements themselves are not run here (they are timings, see ``benchmarks/README.md``);
+these tests pin down how timestamps become the figures that the README and closing notes quote.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+common = _load("common")
+run = _load("run")
+
+
+def _timer(requested, received, step_ends, phases=None):
+    timer = common.StepTimer()
+    timer.requested, timer.received, timer.step_ends = list(requested), list(received), list(step_ends)
+    timer.phases = {k: list(v) for k, v in (phases or {}).items()}
+    return timer
+
+
+def test_step_timer_summary_counts_only_steps_after_warmup():
+    # Step 0 is warm-up (slow, long wait); steps 1-3 end at 2, 3, 5 s: 3 steps in 3 s from the
+    # end of step 0.
+    timer = _timer(requested=[0.0, 2.0, 3.0, 4.0], received=[0.9, 2.2, 3.1, 4.3], step_ends=[2.0, 3.0, 4.0, 5.0],
+                   phases={"forward": [1.0, 0.25, 0.25, 0.4], "augment": [0.5, 0.1, 0.1, 0.1]})
+    out = timer.summary(warmup=1, images_per_step=256)
+    assert out["timed_steps"] == 3
+    assert out["images_per_s"] == pytest.approx(3 * 256 / 3.0)
+    assert out["s_per_step"] == pytest.approx(1.0)
+    assert out["s_per_step_min"] == pytest.approx(1.0)
+    assert out["data_wait_fraction"] == pytest.approx((0.2 + 0.1 + 0.3) / 3.0)
+    assert out["forward_fraction"] == pytest.approx(0.9 / 3.0)
+    assert out["augment_fraction"] == pytest.approx(0.3 / 3.0)
+
+
+def test_step_timer_rejects_missing_warmup_and_too_few_steps():
+    timer = _timer([0.0, 1.0], [0.1, 1.1], [1.0, 2.0])
+    with pytest.raises(ValueError, match="warmup"):
+        timer.summary(warmup=0, images_per_step=8)
+    with pytest.raises(RuntimeError, match="more than 2 steps"):
+        timer.summary(warmup=2, images_per_step=8)
+
+
+def test_step_timer_wrap_times_each_next_call():
+    timer = common.StepTimer()
+    items = list(timer.wrap(iter("abc")))
+    assert items == ["a", "b", "c"]
+    assert len(timer.requested) == len(timer.received) == 3
+    assert all(r >= q for q, r in zip(timer.requested, timer.received))
+
+
+def test_step_breakdown_fills_missing_phases_and_sums_to_one():
+    shares = run.step_breakdown({"data_wait_fraction": 0.01, "augment_fraction": 0.03, "forward_fraction": 0.3})
+    assert shares["optimizer"] == 0.0
+    assert shares["backward_and_rest"] == pytest.approx(0.66)
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def _result(images_per_s, **extra):
+    return {"images_per_s": images_per_s, "peak_mem_mib": 100.0, "data_wait_fraction": 0.02, **extra}
+
+
+def test_summarise_takes_each_sides_best_and_pairs_rounds():
+    ours = [_result(500.0), {"error": "timed out"}, _result(660.0, forward_fraction=0.3)]
+    reference = [
+        [_result(200.0, workers=0, threads=2, peak_mem_mib=200.0), _result(240.0, workers=1, threads=2)],
+        [_result(230.0, workers=1, threads=2)],
+        [_result(220.0, workers=1, threads=2)],
+    ]
+    out = run._summarise("e2e_embedded", ours, reference)
+    assert out["ratio"] == pytest.approx(660.0 / 240.0)
+    assert out["target_met"] is False  # 2.75x against the 3x target
+    assert out["paired_ratios"] == pytest.approx([500.0 / 240.0, 660.0 / 220.0])  # the failed round drops out
+    assert out["reference_sweep"] == {"workers=0,threads=2": [200.0], "workers=1,threads=2": [240.0, 230.0, 220.0]}
+    assert out["memory_ratio"] == pytest.approx(1.0)
+    assert out["ours_step_breakdown"]["forward"] == pytest.approx(0.3)
+
+
+def test_summarise_reports_failure_when_a_side_has_no_result():
+    out = run._summarise("augment_32", [{"error": "boom"}], [[_result(100.0, workers=2, threads=1)]])
+    assert out["ratio"] is None and out["target_met"] is False
+    assert out["error"] == ["boom"]
