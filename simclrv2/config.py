@@ -365,13 +365,20 @@ def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: file {path} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not UTF-8 text; pass a JSON or YAML file") from None
     if p.suffix in {".yaml", ".yml"}:
         try:
             import yaml
         except ImportError:
             raise ConfigError("--config: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError(f"--config: {path} is not valid YAML ({first})") from None
     else:
         try:
             data = json.loads(text)
@@ -433,7 +440,10 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _flagged_dataset(args: argparse.Namespace, file_values: dict[str, Any]) -> str:
     dataset = vars(args).get("cfg:data.dataset")
     if dataset is None:
-        dataset = file_values.get("data", {}).get("dataset", DataConfig().dataset)
+        data = file_values.get("data", {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: 'data' must be a mapping of data options, got {data!r}")
+        dataset = data.get("dataset", DataConfig().dataset)
     return dataset
 
 

@@ -172,6 +172,15 @@ def broadcast_object(obj: Any) -> Any:
     return holder[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (picklable objects; ``[obj]`` in one process)."""
+    if not is_dist():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_dist():

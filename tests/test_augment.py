@@ -134,6 +134,19 @@ def test_parameter_frequencies_and_ranges():
     assert strong.brightness.min() >= 0.0  # max(0, 1 - 0.8s)
 
 
+def test_zero_strength_keeps_random_grayscale():
+    """Official ``random_color_jitter``: jitter ops of strength 0 do nothing, grayscale (p = 0.2)
+    still applies."""
+    aug = SimCLRAugment(16, color_jitter_strength=0.0, use_blur=False)
+    p = aug.sample_params(4000, 16, 16, torch.Generator().manual_seed(3))
+    assert not p.jitter.any()
+    assert abs(p.grayscale.float().mean().item() - 0.2) < 0.025
+    images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    images[:, 0] = 200  # pure red: only grayscale makes the channels equal
+    views = aug(images, torch.Generator().manual_seed(4))
+    equal = (views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)) < 1e-6
+    assert 0 < int(equal.sum()) < 64
+
 def test_flags_turn_parts_off():
     p = SimCLRAugment(32, crop=False, flip=False, color=False, use_blur=False).sample_params(500, 40, 36)
     assert (p.boxes == torch.tensor([0, 0, 40, 36])).all()

@@ -131,6 +131,9 @@ def test_cifar10_tiny(tmp_path):
     assert torch.equal(train.images[1], torch.from_numpy(row.reshape(3, 32, 32)))
     test = load_cifar("cifar10", tmp_path / "cifar-10-batches-py", "test")  # the folder itself also works
     assert len(test) == 2 and test.labels.tolist() == [5, 8]
+    _pickle(tmp_path / "cifar-10-batches-py" / "batches.meta", {b"num_cases_per_batch": 10})
+    with pytest.raises(DataError, match="lacks the list 'label_names'"):
+        build_dataset("cifar10", tmp_path, "train")
 
 
 def test_cifar100_tiny_and_missing(tmp_path):

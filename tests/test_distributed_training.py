@@ -422,7 +422,9 @@ def e2e(tmp_path_factory):
     first = _launch(args + ["--max-steps", "1"])
     assert "resuming" not in first.stdout
     second = _launch(args)
-    return {"root": root, "common": common, "pretrain": pre, "first": first, "second": second}
+    straight = root / "pretrain-uninterrupted"
+    _launch([*args[:args.index("--run-dir")], "--run-dir", str(straight), *args[args.index("--run-dir") + 2:]])
+    return {"root": root, "common": common, "pretrain": pre, "first": first, "second": second, "straight": straight}
 
 
 def test_torchrun_pretrain_resumes_and_writes_once(e2e):
@@ -432,6 +434,13 @@ def test_torchrun_pretrain_resumes_and_writes_once(e2e):
     ckpt = torch.load(e2e["pretrain"] / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and int(ckpt["state"]["memory_queue"]["num_filled"]) == min(24, 2 * 2 * 8)
     assert not any(".module." in k or k.startswith("module.") for k in ckpt["model"])
+    # Each rank resumed its own augmentation and RNG draws: the same weights as without the stop.
+    straight = torch.load(e2e["straight"] / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert len(ckpt["rank_randomness"]) == 2
+    assert not torch.equal(ckpt["rank_randomness"][0]["generators"]["augment_rng"]["state"],
+                           ckpt["rank_randomness"][1]["generators"]["augment_rng"]["state"])
+    for name, value in straight["model"].items():
+        assert torch.equal(ckpt["model"][name], value), name
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,9 @@ def _expect_error(capsys, args: list[str], *fragments: str) -> None:
     (["--learning-rate-scaling", "cubic"], "--learning-rate-scaling"),
     (["--train-batch-size", "many"], "--train-batch-size"),
     (["--on-nonfinite", "explode"], "--on-nonfinite"),
+    (["--train-steps", "-5"], "--train-steps"),
+    (["--augmentation", "kornia"], "--augmentation"),
+    (["--train-batch-size", "128"], "lower --train-batch-size"),  # 64 training images
 ])
 def test_bad_settings_fail_before_training(capsys, data_dir: Path, tmp_path: Path, flags, fragment) -> None:
     _expect_error(capsys, ["pretrain", "--data-dir", data_dir, "--run-dir", tmp_path / "r", *TINY, *flags], fragment)
@@ -264,3 +267,27 @@ def test_architecture_flag_that_contradicts_the_checkpoint(capsys, data_dir: Pat
     _expect_error(capsys, ["finetune", "--checkpoint", run, "--data-dir", data_dir, *TINY, "--resnet-depth", "50"],
                   "--resnet-depth 50 differs from the checkpoint")
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_a_folder_written_with_other_settings(capsys, data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "pre"
+    first = _pretrain_args(data_dir, run, steps=2)
+    assert main(first) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    _expect_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
+    _expect_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
+                  "--train-batch-size")
+    _expect_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
+    _expect_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
+                  "is a pretrain checkpoint")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_bad_config_files(capsys, data_dir: Path, tmp_path: Path) -> None:
+    files = {"bad.yaml": "model: [unclosed", "latin1.json": "{\"x\": \"\xe9\"}", "data.json": '{"data": "x"}'}
+    expected = {"bad.yaml": "not valid YAML", "latin1.json": "not UTF-8", "data.json": "'data' must be a mapping"}
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_bytes(text.encode("latin-1"))
+        _expect_error(capsys, ["pretrain", "--config", path, "--data-dir", data_dir, *TINY], expected[name])

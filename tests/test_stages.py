@@ -73,6 +73,8 @@ def test_finetune_from_pretrained(pretrained: Path, data_dir: Path, tmp_path: Pa
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["model_config"]["mode"] == "finetune" and ckpt["model_config"]["num_classes"] == 10
     assert ckpt["model_config"]["ft_proj_selector"] == 1
+    saved = json.loads((run_dir / "config.json").read_text())["model"]  # the checkpoint's network, not the preset's
+    assert (saved["resnet_depth"], saved["width_multiplier"]) == (18, 0.125)
 
 
 def test_finetune_trains_only_the_selected_head_layers(pretrained: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -479,7 +479,7 @@ class SimCLRAugment:
         self.image_size = image_size
         self.strength = color_jitter_strength
         self.use_blur = use_blur
-        self.crop, self.flip, self.color = crop, flip, color and color_jitter_strength > 0
+        self.crop, self.flip, self.color = crop, flip, color  # colour stage: jitter (if s > 0), then grayscale
         self.grayscale_p, self.color_p, self.blur_p = grayscale_p, color_p, blur_p
         self.interpolation = interpolation
         self.area_range, self.aspect_ratio_range = area_range, aspect_ratio_range
@@ -508,7 +508,8 @@ class SimCLRAugment:
         return AugmentParams(
             boxes=boxes,
             flip=(u[:, 0] < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool, device=device),
-            jitter=(u[:, 1] < self.color_p) if self.color else torch.zeros(n, dtype=torch.bool, device=device),
+            jitter=((u[:, 1] < self.color_p) if self.color and s > 0
+                    else torch.zeros(n, dtype=torch.bool, device=device)),
             order=torch.rand(n, 4, generator=g, device=device).argsort(dim=1),
             brightness=_uniform(n, max(1.0 - b, 0.0), 1.0 + b, g, device),
             contrast=_uniform(n, max(1.0 - c, 0.0), 1.0 + c, g, device),
@@ -585,7 +586,7 @@ class SimCLRAugment:
 
 def finetune_augment(image_size: int, interpolation: str = "bicubic") -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
-    augmentation (``preprocess_for_train`` with ``color_jitter_strength=0``)."""
+    augmentation (``preprocess_for_train`` with ``color_distort=False``)."""
     return SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False, color=False,
                          interpolation=interpolation)
 

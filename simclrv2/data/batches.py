@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
-from .datasets import TensorImageDataset, build_dataset
+from .datasets import DataError, TensorImageDataset, build_dataset
 from .loader import FileLoader, make_loader, shard_indices
 
 ViewMaker = Callable[[Any, torch.Generator], tuple[Tensor, Tensor]]
@@ -43,6 +43,9 @@ def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, devi
                        world_size=world_size, device=device)
 
 
+AUGMENTATIONS = ("batched", "torchvision")
+
+
 def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
                    device: torch.device, image_size: int, strength: float, use_blur: bool,
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
@@ -64,7 +67,7 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
             views = batch[0]
             return views[:, 0], views[:, 1]
         return source, pil_views
-    raise ValueError(f"--augmentation must be batched or torchvision, got {kind!r}")
+    raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
 
 
 def crop_flip(image_size: int) -> SimCLRAugment:
@@ -92,7 +95,7 @@ class TensorBatches:
         self.epoch, self.start_batch = 0, 0
         self._len = len(features) // batch_size if shuffle else -(-len(features) // batch_size)
         if self._len == 0:
-            raise ValueError(f"{len(features)} examples give no batch of {batch_size}; lower the batch size")
+            raise DataError(f"{len(features)} examples give no batch of {batch_size}; lower --train-batch-size")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -117,7 +120,8 @@ def batch_at_step(dataset: TensorImageDataset, batch_size: int, step: int, seed:
     """
     per_epoch = len(shard_indices(len(dataset), 0, seed, False, rank, world_size)) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{len(dataset)} labelled images give no batch of {batch_size} per process")
+        raise DataError(f"{len(dataset)} labelled images give no batch of {batch_size} per process; lower "
+                        "--train-batch-size or raise --label-fraction / --labels-per-class")
     epoch, index = divmod(step, per_epoch)
     order = shard_indices(len(dataset), epoch, seed, True, rank, world_size)
     idx = order[index * batch_size:(index + 1) * batch_size]

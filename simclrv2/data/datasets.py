@@ -243,6 +243,8 @@ def load_cifar(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
     meta = directory / spec["meta"]
     if meta.is_file():
         names = _unpickle(meta).get(spec["names_key"])
+        if not isinstance(names, (list, tuple)):
+            raise DataError(f"{meta} lacks the list '{spec['names_key']}' of class names; replace the file")
         classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
         if len(classes) != spec["num_classes"]:
             raise DataError(f"{meta} lists {len(classes)} class names, expected {spec['num_classes']}")

@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from .datasets import TensorImageDataset
+from .datasets import DataError, TensorImageDataset
 
 PRELOAD_MAX_BYTES = 4 << 30  # keep datasets up to this size on the accelerator
 
@@ -60,8 +60,8 @@ class _Sharded:
         per_rank = shard_indices(num_samples, 0, seed, False, rank, world_size, drop_last).numel()
         self._len = _num_batches(per_rank, batch_size, drop_last)
         if drop_last and self._len == 0:
-            raise ValueError(f"{num_samples} samples over {world_size} process(es) give no full batch of "
-                             f"{batch_size}; lower the batch size")
+            raise DataError(f"{num_samples} samples over {world_size} process(es) give no full batch of "
+                            f"{batch_size}; lower --train-batch-size")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (reshuffles) and the first batch the next iteration yields."""

@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes, keep-last-K rotation, safe loading and corrupt-file fallback.
 
-Format (``FORMAT_VERSION`` 1), a dict of tensors and plain Python values only, so that it loads
+Format (``FORMAT_VERSION`` 2), a dict of tensors and plain Python values only, so that it loads
 with ``torch.load(path, weights_only=True)``:
 
 ``format_version``  int
@@ -8,8 +8,10 @@ with ``torch.load(path, weights_only=True)``:
 ``model``           the model's ``state_dict`` (no DDP/compile prefixes)
 ``model_config``    architecture needed to rebuild the model (``build_simclrv2_model`` kwargs + mode)
 ``config``          the run's resolved configuration
-``optimizer``       optimiser state, ``step``/``epoch``/``batch_in_epoch`` the position reached
-``rng``             Python, NumPy, torch and CUDA generator states
+``optimizer``       optimiser state, ``step``/``epoch``/``batch_in_epoch`` the position reached,
+                    ``images_per_step``/``steps_per_epoch`` the global batch and epoch length
+``rank_randomness`` per rank: Python, NumPy, torch and CUDA generator states and the stage's own
+                    generators (format 1 had one ``rng`` entry, rank 0's)
 ``state``           other state dicts (EMA model, memory queue, augmentation generator, ...)
 ``metrics``         the last logged metrics
 
@@ -29,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 _STEP_FILE = re.compile(r"^ckpt-(\d+)\.pt$")

@@ -18,7 +18,7 @@ from torch import nn
 
 from simclrv2 import distributed as dist
 from simclrv2.config import RuntimeConfig
-from simclrv2.engine.checkpoint import capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
+from simclrv2.engine.checkpoint import CheckpointError, capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 
@@ -116,8 +116,15 @@ def _agree(flags: list[bool], rt: Runtime) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: int,
-                      metrics: dict[str, Any], scaler: Optional[torch.amp.GradScaler]) -> dict[str, Any]:
+def _rank_randomness(task: TrainTask) -> dict[str, Any]:
+    """This rank's own random state: the global generators and the stage's generators, which
+    are seeded per rank (``seed + rank``), so each rank resumes its own augmentation draws."""
+    return {"rng": capture_rng(),
+            "generators": {name: obj.state_dict() for name, obj in task.stateful.items() if isinstance(obj, GeneratorState)}}
+
+
+def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: int, metrics: dict[str, Any],
+                      scaler: Optional[torch.amp.GradScaler], ranks: list[dict[str, Any]]) -> dict[str, Any]:
     state = {name: obj.state_dict() for name, obj in task.stateful.items()}
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
@@ -127,26 +134,43 @@ def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: in
         "model": unwrap(task.model).state_dict(),
         "optimizer": task.optimizer.state_dict(),
         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-        "rng": capture_rng(), "state": state,
+        "images_per_step": task.images_per_step, "steps_per_epoch": len(task.batches),
+        "rank_randomness": ranks, "state": state,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
     }
 
 
 def _resume(task: TrainTask, run_dir: Path, rt: Runtime, scaler: Optional[torch.amp.GradScaler]) -> tuple[int, int, int]:
-    found = latest_valid_checkpoint(run_dir, map_location=rt.device)
+    # Loaded onto the CPU: RNG states must stay CPU tensors, and loading copies the model and
+    # optimiser states onto their parameters' device.
+    found = latest_valid_checkpoint(run_dir, map_location="cpu")
     if found is None:
         return 0, 0, 0
     path, ckpt = found
     if ckpt.get("stage") != task.stage:
-        raise ValueError(f"{path} is a {ckpt.get('stage')} checkpoint but this is a {task.stage} run; "
-                         "use another --run-dir")
+        raise CheckpointError(f"{path} is a {ckpt.get('stage')} checkpoint but this is a {task.stage} run; "
+                              "use another --run-dir")
+    saved = (ckpt.get("images_per_step", task.images_per_step), ckpt.get("steps_per_epoch", len(task.batches)))
+    if saved != (task.images_per_step, len(task.batches)):
+        raise CheckpointError(f"{path} was written with a global batch of {saved[0]} ({saved[1]} steps per epoch) "
+                              f"but this run has {task.images_per_step} ({len(task.batches)}); resume with "
+                              "the same --train-batch-size and data, or use another --run-dir")
+    missing = sorted(set(task.stateful) - set(ckpt["state"]))
+    if missing:
+        raise CheckpointError(f"{path} holds no {', '.join(missing)} state (written with other settings, e.g. "
+                              "--use-memory); resume with the settings it was written with, or use another --run-dir")
     unwrap(task.model).load_state_dict(ckpt["model"])
     task.optimizer.load_state_dict(ckpt["optimizer"])
+    ranks = ckpt.get("rank_randomness") or [{"rng": ckpt["rng"], "generators": {}}]  # format 1: rank 0's only
+    own = ranks[rt.rank] if len(ranks) == rt.world_size else ranks[0]
+    if len(ranks) != rt.world_size and rt.is_main:
+        print(f"note: {path} was written by {len(ranks)} process(es), this run has {rt.world_size}; every rank "
+              "resumes rank 0's random state, so augmentations differ from an uninterrupted run")
     for name, obj in task.stateful.items():
-        obj.load_state_dict(ckpt["state"][name])
+        obj.load_state_dict(own["generators"].get(name, ckpt["state"][name]))
     if scaler is not None and "grad_scaler" in ckpt["state"]:
         scaler.load_state_dict(ckpt["state"]["grad_scaler"])
-    restore_rng(ckpt["rng"])
+    restore_rng(own["rng"])
     if rt.is_main:
         print(f"resuming {task.stage} from {path} (step {ckpt['step']})")
     return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -179,8 +203,9 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     window_start, window_images = time.perf_counter(), 0
 
     def save() -> None:
+        ranks = dist.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
         if rt.is_main:
-            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, scaler),
+            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, scaler, ranks),
                             step, cfg.keep_checkpoint_max)
 
     task.model.train()

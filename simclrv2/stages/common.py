@@ -14,7 +14,7 @@ from simclrv2 import data as D
 from simclrv2.distributed import broadcast_object
 from simclrv2.data.batches import native_image_size
 from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, save_config
-from simclrv2.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from simclrv2.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, resolve_checkpoint, step_checkpoints
 from simclrv2.engine.runtime import Runtime
 from simclrv2.models import SimCLRv2Model, build_simclrv2_model
 from simclrv2.optim import LARS, lars_param_groups, num_train_steps, warmup_cosine_lr
@@ -36,8 +36,15 @@ def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
 
 
 def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
-    """Create the run folder and save the resolved config beside the outputs."""
+    """Create the run folder and save the resolved config beside the outputs.
+
+    Without ``--resume`` a folder that already holds checkpoints is refused: the new run's
+    checkpoints would be rotated out by the older, higher-numbered ones.
+    """
     run_dir = make_run_dir(cfg.runtime, stage, rt)
+    if not cfg.runtime.resume and step_checkpoints(run_dir / CHECKPOINT_DIR):
+        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of an earlier run; pass --resume true "
+                          "to continue it, or choose another --run-dir")
     if rt.is_main:
         save_config(cfg, run_dir)
     return run_dir
@@ -63,7 +70,10 @@ def validate_common(optim: Optional[OptimConfig], runtime: RuntimeConfig, rt: Ru
             raise ConfigError(f"--learning-rate-scaling must be linear or sqrt, got {optim.learning_rate_scaling!r}")
         if optim.optimizer not in {"lars", "momentum", "adam"}:
             raise ConfigError(f"--optimizer must be lars, momentum or adam, got {optim.optimizer!r}")
-        if optim.train_epochs <= 0 and optim.train_steps <= 0:
+        if optim.train_epochs < 0 or optim.train_steps < 0:
+            raise ConfigError(f"--train-epochs and --train-steps must be >= 0, got {optim.train_epochs} and "
+                              f"{optim.train_steps}")
+        if optim.train_epochs == 0 and optim.train_steps == 0:
             raise ConfigError("--train-epochs or --train-steps must be positive")
         if optim.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {optim.weight_decay}")
@@ -260,6 +270,14 @@ def check_architecture(cfg: Any, section: str, recorded: dict[str, Any], checkpo
                 flag = option.replace("_", "-")
                 raise ConfigError(f"--{flag} {wanted} differs from the checkpoint {checkpoint} "
                                   f"({flag} {recorded.get(key)}); drop the flag or pass a matching --checkpoint")
+
+
+def adopt_architecture(model: ModelConfig, recorded: dict[str, Any]) -> None:
+    """Set ``model``'s architecture options to a checkpoint's, so the saved config describes the
+    network actually trained."""
+    for option, key in _ARCHITECTURE.items():
+        if key in recorded:
+            setattr(model, option, recorded[key])
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tupl
     if cfg.checkpoint:
         model, ckpt = C.load_model(cfg.checkpoint, num_classes=num_classes)
         C.check_architecture(cfg, "model", ckpt["model_config"], cfg.checkpoint)
+        C.adopt_architecture(cfg.model, ckpt["model_config"])
         selector = cfg.model.ft_proj_selector
         C.validate_selector(selector, model.projection_head.num_layers)
         model.projection_head.ft_proj_selector = selector

@@ -28,6 +28,8 @@ from simclrv2.stages import common as C
 
 def validate(cfg: PretrainConfig) -> None:
     C.validate_model(cfg.model)
+    if cfg.data.augmentation not in B.AUGMENTATIONS:
+        raise ConfigError(f"--augmentation must be one of {', '.join(B.AUGMENTATIONS)}, got {cfg.data.augmentation!r}")
     if cfg.temperature <= 0:
         raise ConfigError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.use_memory:
