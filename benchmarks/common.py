@@ -169,7 +169,7 @@ def load_average() -> float:
 def cpu_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (``/proc/stat``)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
+    user, nice, system, _, _, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -203,14 +203,14 @@ class StepTimer:
     The time spent inside ``next()`` of the wrapped iterator is time the loop waited for data.
     ``end_step()`` (or ``step_ends`` filled from the loop's own log) marks where each step
     finished; ``mark(name, seconds)`` adds other in-step phases (e.g. augmentation done in the
-    step itself).
+    step itself) to the step of the batch most recently received.
     """
 
     def __init__(self) -> None:
         self.requested: list[float] = []
         self.received: list[float] = []
         self.step_ends: list[float] = []
-        self.phases: dict[str, list[float]] = {}
+        self.phases: dict[str, list[tuple[int, float]]] = {}  # name -> [(step index, seconds)]
 
     def wrap(self, iterator):
         it = iter(iterator)
@@ -228,7 +228,7 @@ class StepTimer:
         self.step_ends.append(time.perf_counter())
 
     def mark(self, name: str, seconds: float) -> None:
-        self.phases.setdefault(name, []).append(seconds)
+        self.phases.setdefault(name, []).append((len(self.received) - 1, seconds))
 
     def summary(self, warmup: int, images_per_step: int) -> dict:
         """Throughput and time fractions over the steps after the first ``warmup`` (>= 1): from
@@ -249,6 +249,6 @@ class StepTimer:
             "s_per_step_min": min(b - a for a, b in zip(ends, ends[1:])),
             "data_wait_fraction": sum(waits) / total,
         }
-        for name, values in self.phases.items():
-            out[f"{name}_fraction"] = sum(values[i] for i in timed) / total
+        for name, marks in self.phases.items():
+            out[f"{name}_fraction"] = sum(seconds for step, seconds in marks if step in timed) / total
         return out

@@ -134,7 +134,8 @@ def with_oom_retry(fn: Callable[[int], dict], batch: int, minimum: int, simulate
             return result
         except torch.OutOfMemoryError:
             tried.append(batch)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if batch // 2 < minimum:
                 raise
             log(f"out of memory at batch {batch}; retrying with {batch // 2}")
@@ -188,9 +189,17 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def correctness(device: torch.device, dry_run: bool) -> dict[str, Any]:
-    """CPU float32 is the reference; TF32 is turned off for the comparison."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """CPU float32 is the reference; TF32 is turned off for the comparison, then restored."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _compare_with_cpu(device, dry_run)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """The correctness checks themselves (see the module docstring, section 1)."""
     out: dict[str, Any] = {}
     cpu = torch.device("cpu")
 
@@ -284,8 +293,6 @@ def correctness(device: torch.device, dry_run: bool) -> dict[str, Any]:
                                "params_changed": changed, "params_total": len(before)}
     out["fp16_grad_scaler"]["ok"] = all(map(math.isfinite, losses)) and changed > 0
     out["all_ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     return out
 
 

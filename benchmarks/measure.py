@@ -14,7 +14,8 @@ Specs (``kind``):
   view maker are wrapped with timers, and hooks time the model's training forward and the
   optimiser step (nothing else changes), to split the step into data wait, augmentation,
   forward, optimiser, and backward with the rest.
-* ``e2e_reference``: the reference loop (``reference.py``) on the same model, data and batch.
+* ``e2e_reference``: the reference loop (``reference.py``) on the same model (built from the
+  same ``model_kwargs`` as ours), data and batch.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import reference  # noqa: E402
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-# The two end-to-end configurations of the issue; ``overrides`` go to ``simclrv2.config.build``.
+# The two end-to-end configurations benchmarked; ``overrides`` go to ``simclrv2.config.build``.
 E2E_MODELS: dict[str, dict[str, Any]] = {
     # The embedded default: what ``simclrv2 pipeline`` pretrains (preset "embedded": ResNet-18
     # at width 0.25, CIFAR stem, 28 px Fashion-MNIST, batch 256, T = 0.2).
@@ -83,7 +84,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
             _sync(device)
             times.append(time.perf_counter() - t0)  # includes the gather, as the loader's batch would
         timed = times[spec["warmup"]:]
-    lo, hi = float(min(min(v.min() for v in views), 0)), float(max(v.max() for v in views))
+    lo, hi = float(min(v.min() for v in views)), float(max(v.max() for v in views))
     return {"images_per_s": batch * len(timed) / sum(timed), "s_per_batch": sum(timed) / len(timed),
             "batch_size": batch, "timed_batches": len(timed), "threads": torch.get_num_threads(),
             "output_range": [lo, hi], "device": str(device), **_memory(device, mem)}
@@ -100,7 +101,7 @@ def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
             if i + 1 == spec["warmup"] + spec["batches"]:
                 break
         result = timer.summary(spec["warmup"], batch)
-        del loader
+    del loader  # after the sampler's last sample, which must still see the workers
     return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
             "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
             "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
@@ -153,16 +154,17 @@ class _TimedSource:
 
 
 def _time_forward(net: torch.nn.Module, timer: common.StepTimer, device: torch.device) -> None:
-    """Mark each training-mode forward of ``net`` as the step's ``forward`` phase."""
+    """Mark each training-mode forward of ``net`` itself as the step's ``forward`` phase (a
+    ``copy.deepcopy`` of ``net``, such as a momentum encoder, keeps the hooks but is not timed)."""
     started: list[float] = []
 
     def before(module, args):
-        if module.training:
+        if module is net and module.training:
             _sync(device)
             started[:] = [time.perf_counter()]
 
     def after(module, args, output):
-        if module.training:
+        if module is net and module.training:
             _sync(device)
             timer.mark("forward", time.perf_counter() - started[0])
     net.register_forward_pre_hook(before)
@@ -191,7 +193,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     timer = common.StepTimer()
-    original = batches.pretrain_views
+    original_pretrain_views = batches.pretrain_views
     original_prepare, original_optimizer = pretrain.prepare_model, stage_common.build_optimizer
 
     def timed_prepare_model(*args, **kwargs):
@@ -205,7 +207,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
         return optimizer
 
     def timed_pretrain_views(*args, **kwargs):
-        source, make_views = original(*args, **kwargs)
+        source, make_views = original_pretrain_views(*args, **kwargs)
 
         def timed_views(batch, generator):
             _sync(device)
@@ -236,6 +238,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
 def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
     from simclrv2.data import build_dataset
     from simclrv2.models import build_simclrv2_model
+    from simclrv2.stages.common import model_kwargs
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -245,9 +248,7 @@ def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
         images = reference.to_hwc_rgb(data.images.numpy())
         del data
         size = images.shape[1]
-        m = cfg.model
-        model = build_simclrv2_model(m.resnet_depth, m.width_multiplier, m.sk_ratio, bool(m.cifar_stem),
-                                     m.num_proj_layers, m.proj_out_dim, m.ft_proj_selector).to(device)
+        model = build_simclrv2_model(**model_kwargs(cfg.model, size, None)).to(device)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
         batch = cfg.optim.train_batch_size
@@ -262,7 +263,7 @@ def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
         if not torch.isfinite(loss):
             raise RuntimeError(f"reference loss is {float(loss)}")
         result = timer.summary(spec["warmup"], batch)
-        del loader
+    del loader  # after the sampler's last sample, which must still see the workers
     return {**result, "batch_size": batch, "image_size": size, "workers": spec["workers"], "precision": "fp32",
             "channels_last": False, "threads": torch.get_num_threads(), "device": str(device),
             **_memory(device, mem)}

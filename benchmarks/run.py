@@ -34,19 +34,22 @@ DATA_WAIT_TARGET = 0.05  # e2e_resnet18: our time waiting for data, as a fractio
 STRENGTH = 1.0  # colour-jitter strength s of the augmentation benchmarks (same on both sides)
 
 # Measurement sizes. The reference's settings are swept and its best is kept: DataLoader
-# workers for augmentation; (workers, OpenMP threads of the training process) end to end, since
-# on 2 cores workers and threads compete. --quick uses the setting that was best in full runs on
-# the 2-core machine (README).
+# workers for augmentation (per benchmark key, since the best count depends on the image size);
+# (workers, OpenMP threads of the training process) end to end, since on 2 cores workers and
+# threads compete. --quick uses each key's best setting from the full runs on the 2-core machine
+# (results/cpu_2core*.json, README).
+AUGMENT_SWEEP = [0, 1, 2, 3]
 E2E_SWEEP = [[0, 2], [1, 1], [1, 2], [2, 2]]
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {
-        "augment": {"warmup": 1, "batches": 4, "batch_size": 256, "workers": [3]},
-        "e2e_embedded": {"warmup": 2, "steps": 3, "reference": [[0, 2]]},
-        "e2e_resnet18": {"warmup": 1, "steps": 1, "reference": [[0, 2]]},
+        "augment": {"warmup": 1, "batches": 4, "batch_size": 256, "workers": {"augment_32": [2], "augment_96": [3]}},
+        "e2e_embedded": {"warmup": 2, "steps": 3, "reference": [[1, 2]]},
+        "e2e_resnet18": {"warmup": 1, "steps": 1, "reference": [[2, 2]]},
         "repeats": 1, "ablation": False,
     },
     "full": {
-        "augment": {"warmup": 2, "batches": 10, "batch_size": 256, "workers": [0, 1, 2, 3]},
+        "augment": {"warmup": 2, "batches": 10, "batch_size": 256,
+                    "workers": {"augment_32": AUGMENT_SWEEP, "augment_96": AUGMENT_SWEEP}},
         "e2e_embedded": {"warmup": 3, "steps": 8, "reference": E2E_SWEEP},
         "e2e_resnet18": {"warmup": 2, "steps": 4, "reference": E2E_SWEEP},
         "repeats": 3, "ablation": True,
@@ -85,7 +88,7 @@ def measure(spec: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
 def _measure_once(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one measurement in a fresh process; returns its result or ``{"error": ...}``."""
     quiet = common.wait_for_quiet(QUIET["busy"], QUIET["max_wait"]) if QUIET else common.busy_cores(0.5)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(OURS_ENV if spec["kind"].endswith("_ours") else {})}
+    env = {**os.environ, **(OURS_ENV if spec["kind"].endswith("_ours") else {})}
     label = " ".join(f"{k}={v}" for k, v in spec.items() if k not in ("num_images", "strength"))
     print(f"  [{time.strftime('%H:%M:%S')} other load {quiet:.2f} cores] {label}", flush=True)
     t0, busy0, own0 = time.monotonic(), common.cpu_busy_seconds(), common.children_cpu_seconds()
@@ -132,7 +135,7 @@ def _specs(key: str, plan: dict[str, Any], device: str) -> tuple[dict[str, Any],
             wave = max(workers, 1)
             return spec("augment_reference", max(p["warmup"], wave), -(-p["batches"] // wave) * wave, workers=workers)
         return (spec("augment_ours", p["warmup"], p["batches"], device=device),
-                [reference_spec(w) for w in p["workers"]])
+                [reference_spec(w) for w in p["workers"][key]])
     model = key.split("_", 1)[1]
     p = plan[key]
     base = {"model": model, "device": device, "warmup": p["warmup"], "steps": p["steps"]}
@@ -290,6 +293,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ours-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Environment for our side only, e.g. OMP_WAIT_POLICY=PASSIVE (see README).")
     args = parser.parse_args(argv)
+    malformed = [kv for kv in args.ours_env if "=" not in kv]
+    if malformed:
+        parser.error(f"--ours-env takes KEY=VALUE, got {', '.join(map(repr, malformed))}")
 
     mode = "quick" if args.quick else "full"
     plan = json.loads(json.dumps(PLANS[mode]))
@@ -300,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif cpus > 4:  # the sweeps above are sized for the 2-core machine
         workers = sorted({min(8, cpus), cpus} if mode == "quick" else {cpus // 2, min(8, cpus), cpus})
     if workers:
-        plan["augment"]["workers"] = workers
+        plan["augment"]["workers"] = {key: workers for key in plan["augment"]["workers"]}
         for section in ("e2e_embedded", "e2e_resnet18"):
             plan[section]["reference"] = [[w, cpus] for w in workers]
     repeats = args.repeats or plan["repeats"]

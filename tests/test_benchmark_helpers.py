@@ -28,9 +28,10 @@ run = _load("run")
 
 
 def _timer(requested, received, step_ends, phases=None):
+    """A timer with the given timestamps; ``phases`` maps a name to one mark per step."""
     timer = common.StepTimer()
     timer.requested, timer.received, timer.step_ends = list(requested), list(received), list(step_ends)
-    timer.phases = {k: list(v) for k, v in (phases or {}).items()}
+    timer.phases = {k: list(enumerate(v)) for k, v in (phases or {}).items()}
     return timer
 
 
@@ -47,6 +48,39 @@ def test_step_timer_summary_counts_only_steps_after_warmup():
     assert out["data_wait_fraction"] == pytest.approx((0.2 + 0.1 + 0.3) / 3.0)
     assert out["forward_fraction"] == pytest.approx(0.9 / 3.0)
     assert out["augment_fraction"] == pytest.approx(0.3 / 3.0)
+
+
+def _marked_timer(marks_per_step):
+    """One 1 s step per entry; ``marks_per_step[i]`` are the ``forward`` marks made after batch
+    ``i`` arrived."""
+    timer = common.StepTimer()
+    for step, marks in enumerate(marks_per_step):
+        timer.requested.append(float(step))
+        timer.received.append(float(step))
+        for seconds in marks:
+            timer.mark("forward", seconds)
+        timer.step_ends.append(step + 1.0)
+    return timer
+
+
+def test_step_timer_mark_records_the_step_of_the_latest_batch():
+    timer = _marked_timer([[0.5], [], [0.1, 0.2]])
+    assert timer.phases["forward"] == [(0, 0.5), (2, 0.1), (2, 0.2)]
+
+
+def test_step_timer_sums_two_marks_in_one_step():
+    out = _marked_timer([[0.5], [0.1, 0.2], [0.3], [0.3]]).summary(warmup=1, images_per_step=8)
+    assert out["forward_fraction"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.3) / 3.0)
+
+
+def test_step_timer_counts_a_step_without_mark_as_zero():
+    out = _marked_timer([[0.5], [0.3], [], [0.3]]).summary(warmup=1, images_per_step=8)
+    assert out["forward_fraction"] == pytest.approx(0.6 / 3.0)
+
+
+def test_step_timer_excludes_marks_during_warmup():
+    out = _marked_timer([[0.9, 0.9], [0.9], [0.1], [0.2]]).summary(warmup=2, images_per_step=8)
+    assert out["forward_fraction"] == pytest.approx(0.3 / 2.0)
 
 
 def test_step_timer_rejects_missing_warmup_and_too_few_steps():
@@ -96,3 +130,9 @@ def test_summarise_reports_failure_when_a_side_has_no_result():
     out = run._summarise("augment_32", [{"error": "boom"}], [[_result(100.0, workers=2, threads=1)]])
     assert out["ratio"] is None and out["target_met"] is False
     assert out["error"] == ["boom"]
+
+
+def test_ours_env_without_equals_sign_is_rejected_by_name(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--json", "unused.json", "--ours-env", "A=1", "OMP_WAIT_POLICY"])
+    assert "'OMP_WAIT_POLICY'" in capsys.readouterr().err
