@@ -163,6 +163,18 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_skipped_steps_and_last_metrics_survive_a_resume(tmp_path: Path) -> None:
+    rt = Runtime(torch.device("cpu"), None, False, 0, 1)
+    task, _ = _toy_task("toy", nan_at=3, run_dir=tmp_path)
+    first = RuntimeConfig(progress=False, on_nonfinite="skip", log_every_steps=1, max_steps=5)
+    assert train(task, rt, first, tmp_path)["skipped_steps"] == 1
+    task, _ = _toy_task("toy", nan_at=-1, run_dir=tmp_path)
+    resumed = train(task, rt, RuntimeConfig(progress=False, log_every_steps=100), tmp_path)
+    assert resumed["step"] == 8 and resumed["skipped_steps"] == 1
+    finished = train(task, rt, RuntimeConfig(progress=False), tmp_path)  # nothing left to run
+    assert finished["step"] == 8 and finished["loss"] == pytest.approx(resumed["loss"])
+
+
 # --------------------------------------------------------------------------- bad input: one line, exit 2
 
 def _expect_error(capsys, args: list[str], *fragments: str) -> None:

@@ -124,7 +124,7 @@ def _rank_randomness(task: TrainTask) -> dict[str, Any]:
 
 
 def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: int, metrics: dict[str, Any],
-                      scaler: Optional[torch.amp.GradScaler], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+                      skipped: int, scaler: Optional[torch.amp.GradScaler], ranks: list[dict[str, Any]]) -> dict[str, Any]:
     state = {name: obj.state_dict() for name, obj in task.stateful.items()}
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
@@ -134,18 +134,20 @@ def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: in
         "model": unwrap(task.model).state_dict(),
         "optimizer": task.optimizer.state_dict(),
         "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-        "images_per_step": task.images_per_step, "steps_per_epoch": len(task.batches),
+        "images_per_step": task.images_per_step, "steps_per_epoch": len(task.batches), "skipped_steps": skipped,
         "rank_randomness": ranks, "state": state,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
     }
 
 
-def _resume(task: TrainTask, run_dir: Path, rt: Runtime, scaler: Optional[torch.amp.GradScaler]) -> tuple[int, int, int]:
+def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
+            scaler: Optional[torch.amp.GradScaler]) -> tuple[int, int, int, dict[str, Any], int]:
+    """Restore the newest checkpoint: (step, epoch, batch in epoch, last metrics, skipped steps)."""
     # Loaded onto the CPU: RNG states must stay CPU tensors, and loading copies the model and
     # optimiser states onto their parameters' device.
     found = latest_valid_checkpoint(run_dir, map_location="cpu")
     if found is None:
-        return 0, 0, 0
+        return 0, 0, 0, {}, 0
     path, ckpt = found
     if ckpt.get("stage") != task.stage:
         raise CheckpointError(f"{path} is a {ckpt.get('stage')} checkpoint but this is a {task.stage} run; "
@@ -173,7 +175,7 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime, scaler: Optional[torch.
     restore_rng(own["rng"])
     if rt.is_main:
         print(f"resuming {task.stage} from {path} (step {ckpt['step']})")
-    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["metrics"], ckpt.get("skipped_steps", 0)
 
 
 def _skipped_images(batches: BatchSource) -> dict[str, int]:
@@ -194,18 +196,16 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     run_dir = Path(run_dir)
     logger = MetricsLogger(run_dir, enabled=rt.is_main)
     scaler = rt.grad_scaler()
-    step, epoch, batch_in_epoch = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0)
+    step, epoch, batch_in_epoch, last, skipped = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0, {}, 0)
     stop_at = min(task.total_steps, cfg.max_steps) if cfg.max_steps else task.total_steps
     steps_per_epoch = len(task.batches)
-    last: dict[str, Any] = {}
-    skipped = 0
     bar = _progress(stop_at, step, cfg.progress and rt.is_main, task.stage)
     window_start, window_images = time.perf_counter(), 0
 
     def save() -> None:
         ranks = dist.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
         if rt.is_main:
-            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, scaler, ranks),
+            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, skipped, scaler, ranks),
                             step, cfg.keep_checkpoint_max)
 
     task.model.train()
