@@ -13,7 +13,11 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
    channels-last, NT-Xent, LARS: source images/s and views/s; also the augmentation alone.
 3. ``resnet18_cifar``: ResNet-18 with the CIFAR stem at 32 px, batch 512 (1024 views): seconds
    per 50 000-image epoch, extrapolated from timed steps.
-4. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
+4. ``resume``: ``simclrv2 pretrain`` itself on the device (tiny model, synthetic Fashion-MNIST
+   files), stopped after 2 steps and resumed to 4, against an uninterrupted 4-step run: the
+   resume must work on CUDA (random states restored from CPU tensors) and end at the same
+   weights (exactly on the CPU; within cuDNN's run-to-run differences on the GPU).
+5. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
 
 Out-of-memory lowers the batch (halving) and retries. A compact JSON summary is printed last
 and written to ``$OUT/gpu.json`` when ``OUT`` is set. ``--dry-run`` runs everything on the CPU
@@ -35,7 +39,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
 
 from simclrv2.data.augment import SimCLRAugment  # noqa: E402
 from simclrv2.losses import nt_xent  # noqa: E402
@@ -297,6 +304,32 @@ def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+def resume_check(device: torch.device) -> dict[str, Any]:
+    """A pretraining run stopped and resumed ends where an uninterrupted one does (section 5)."""
+    import tempfile
+
+    from simclrv2.config import build
+    from simclrv2.engine.checkpoint import load_checkpoint
+    from simclrv2.stages import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = common.write_synthetic_fashion_mnist(Path(tmp) / "data", 256, 64)
+
+        def run(name: str, max_steps: Optional[int]) -> dict[str, torch.Tensor]:
+            pretrain.run(build("pretrain", {
+                "data": {"dataset": "embedded", "data_dir": str(data)},
+                "model": {"resnet_depth": 18, "width_multiplier": 0.125},
+                "optim": {"train_batch_size": 32, "train_steps": 4},
+                "runtime": {"device": device.type, "max_steps": max_steps, "checkpoint_steps": 2, "progress": False,
+                            "log_every_steps": 1, "run_dir": str(Path(tmp) / name)}}))
+            return load_checkpoint(Path(tmp) / name / "checkpoints" / "last.pt")["model"]
+
+        run("stopped", 2)
+        resumed, straight = run("stopped", None), run("straight", None)
+    diff = max(_max_diff(resumed[k].float(), v.float()) for k, v in straight.items() if v.is_floating_point())
+    return {"max_weight_diff": diff, "ok": diff == 0.0 if device.type == "cpu" else diff < 1e-2}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=270.0, help="Seconds for everything (sections are skipped "
@@ -360,6 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["s_per_50k_epoch"] = 50_000 / result["images_per_s"]
         return result
     section("resnet18_cifar", 25, cifar, cap_s=90)
+    section("resume", 20, lambda: resume_check(device), cap_s=60)
     if not args.no_compile and (not dry or args.compile_in_dry_run):
         def compiled() -> dict[str, Any]:
             spec = dict(r50, warmup=3, steps=10) if not dry else r50
@@ -368,7 +402,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         section("resnet50_224_compiled", 100, compiled)
 
     summary["elapsed_s"] = round(elapsed(), 1)
-    ok = summary.get("correctness", {}).get("all_ok", False)
+    ok = summary.get("correctness", {}).get("all_ok", False) and summary.get("resume", {}).get("ok", False)
     compact = json.dumps(summary, separators=(",", ":"), default=str)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "gpu.json"
