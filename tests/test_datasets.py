@@ -349,6 +349,34 @@ def test_file_loader_matches_in_memory_loader():
     assert len(a) == len(b) == len(fast) - 1 and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+class _RandomSamples(torch.utils.data.Dataset):
+    """Each sample is its index and a draw from the global torch RNG (like a random crop)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        return torch.tensor([float(index)]), torch.rand(1)
+
+
+def test_file_loader_randomness_is_per_sample_and_resumes():
+    def draws(workers: int, epoch: int = 0, start_batch: int = 0) -> list[torch.Tensor]:
+        loader = make_dataloader(_RandomSamples(), 4, seed=3, num_workers=workers, persistent_workers=False)
+        loader.set_epoch(epoch, start_batch)
+        return [torch.cat([index, noise], dim=1) for index, noise in loader]
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    plain = draws(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    assert all(torch.equal(a, b) for a, b in zip(plain, draws(2)))  # independent of the workers
+    assert all(torch.equal(a, b) for a, b in zip(plain[2:], draws(2, start_batch=2)))  # exact resume
+    noise = torch.cat(plain)[:, 1]
+    assert noise.unique().numel() == noise.numel()  # every sample draws its own numbers
+    by_index = {int(i): float(x) for i, x in torch.cat(plain).tolist()}
+    again = {int(i): float(x) for i, x in torch.cat(draws(0, epoch=1)).tolist()}
+    assert all(again[i] != by_index[i] for i in again)  # a new epoch gives each image new draws
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_in_memory_loader_preloads_to_cuda():
     ds = _grey_dataset()

@@ -14,6 +14,8 @@ resumption mid-epoch; ``len(loader)`` is always the full number of batches per e
   the GPU), with no worker processes.
 * :func:`make_dataloader` wraps a ``torch.utils.data.DataLoader`` over a file dataset; the
   ``skipped`` attribute of what it returns counts images replaced by ``--skip-bad-images``.
+  Each sample is loaded under a torch seed drawn from ``(seed, epoch, index)``, so random crops
+  and PIL transforms in the workers do not depend on the worker count and resume exactly.
 """
 from __future__ import annotations
 
@@ -120,16 +122,38 @@ class InMemoryLoader(_Sharded):
 
 
 class _ListSampler(torch.utils.data.Sampler):
-    """Yields whatever index list its owner put in ``indices`` for the current epoch."""
+    """Yields whatever ``(index, seed)`` list its owner put in ``indices`` for the current epoch."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.indices: list[tuple[int, int]] = []
 
     def __iter__(self):
         return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch seed under which sample ``index`` is loaded in ``epoch``."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` computed under its own torch seed (``samples[(index, seed)]``), leaving
+    the caller's random state as it was."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def default_num_workers() -> int:
@@ -161,11 +185,11 @@ class FileLoader(_Sharded):
         extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if workers > 0 else {}
         self._sampler = _ListSampler()
         self.dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=self._sampler, num_workers=workers, pin_memory=pin,
+            _SeededSamples(dataset), batch_size=batch_size, sampler=self._sampler, num_workers=workers, pin_memory=pin,
             drop_last=False, generator=torch.Generator().manual_seed(seed + 1000003 * rank), **extra)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self._sampler.indices = self._indices().tolist()
+        self._sampler.indices = [(i, sample_seed(self.seed, self.epoch, i)) for i in self._indices().tolist()]
         self.start_batch = 0  # only the first iteration after set_epoch resumes mid-epoch
         for batch in self.dataloader:
             images, labels = batch[0], batch[1]
