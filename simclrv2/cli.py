@@ -60,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     bad_input = _bad_input_types()
+    from simclrv2 import distributed
     from simclrv2.engine.trainer import TrainingStopped
 
     try:
@@ -69,6 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         cfg = config_lib.resolve(args.command, args)
         importlib.import_module(_STAGES[args.command][0]).run(cfg)
+        distributed.barrier()  # no rank tears its process group down while another still uses it
         return 0
     except bad_input as err:
         print(f"simclrv2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
@@ -77,8 +79,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"simclrv2 {args.command}: {err}", file=sys.stderr)
         return err.exit_code
     finally:
-        from simclrv2 import distributed
-
         distributed.cleanup()
 
 
