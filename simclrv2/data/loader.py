@@ -151,8 +151,8 @@ class _SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only, as below
+            torch.random.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
