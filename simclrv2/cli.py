@@ -75,8 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except bad_input as err:
         print(f"simclrv2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingStopped as err:
+    except TrainingStopped as err:  # every rank agreed to stop at the same step
         print(f"simclrv2 {args.command}: {err}", file=sys.stderr)
+        distributed.barrier()
         return err.exit_code
     finally:
         distributed.cleanup()

@@ -485,7 +485,8 @@ def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = 
 
 
 def save_config(cfg: Any, run_dir: Path) -> Path:
-    """Write the resolved config as ``config.json`` beside the run's outputs."""
+    """Write the resolved config (a config dataclass or its dict) as ``config.json`` beside the
+    run's outputs."""
     path = Path(run_dir) / "config.json"
-    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), indent=2, sort_keys=False) + "\n")
     return path

@@ -146,6 +146,9 @@ def test_zero_strength_keeps_random_grayscale():
     views = aug(images, torch.Generator().manual_seed(4))
     equal = (views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)) < 1e-6
     assert 0 < int(equal.sum()) < 64
+    classic = A.torchvision_simclr_transform(16, 0.0, blur=False)
+    assert [type(op).__name__ for op in classic.transforms] == [
+        "RandomResizedCrop", "RandomHorizontalFlip", "RandomGrayscale", "ToTensor"]
 
 def test_flags_turn_parts_off():
     p = SimCLRAugment(32, crop=False, flip=False, color=False, use_blur=False).sample_params(500, 40, 36)

@@ -286,14 +286,18 @@ def test_resume_refuses_a_folder_written_with_other_settings(capsys, data_dir: P
     first = _pretrain_args(data_dir, run, steps=2)
     assert main(first) == 0
     capsys.readouterr()
-    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    def folder_state():
+        return (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.json").read_text(),
+                len(list((run / "tensorboard").glob("events.*"))))
+
+    before = folder_state()
     _expect_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
     _expect_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
                   "--train-batch-size")
     _expect_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
     _expect_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
                   "is a pretrain checkpoint")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert folder_state() == before  # a refused run leaves the folder as it was
 
 
 def test_bad_config_files(capsys, data_dir: Path, tmp_path: Path) -> None:

@@ -652,8 +652,9 @@ def torchvision_simclr_transform(image_size: int, s: float = 1.0, blur: Optional
                                interpolation=T.InterpolationMode(interpolation)),
            T.RandomHorizontalFlip()]
     if color and s > 0:
-        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=0.8),
-                T.RandomGrayscale(p=0.2)]
+        ops.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=0.8))
+    if color:
+        ops.append(T.RandomGrayscale(p=0.2))
     radius = blur_kernel_radius(image_size)
     if blur and radius > 0:
         ops.append(T.RandomApply([T.GaussianBlur(2 * radius + 1, sigma=(0.1, 2.0))], p=0.5))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from simclrv2 import distributed as dist
-from simclrv2.config import RuntimeConfig
+from simclrv2.config import RuntimeConfig, save_config
 from simclrv2.engine.checkpoint import CheckpointError, capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
@@ -166,7 +166,7 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
     ranks = ckpt.get("rank_randomness") or [{"rng": ckpt["rng"], "generators": {}}]  # format 1: rank 0's only
     own = ranks[rt.rank] if len(ranks) == rt.world_size else ranks[0]
     if len(ranks) != rt.world_size and rt.is_main:
-        print(f"note: {path} was written by {len(ranks)} process(es), this run has {rt.world_size}; every rank "
+        print(f"note: {path} holds the random state of {len(ranks)} process(es), this run has {rt.world_size}; every rank "
               "resumes rank 0's random state, so augmentations differ from an uninterrupted run")
     for name, obj in task.stateful.items():
         obj.load_state_dict(own["generators"].get(name, ckpt["state"][name]))
@@ -194,9 +194,11 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``task`` to ``task.total_steps`` (or ``cfg.max_steps``) and return the last metrics."""
     run_dir = Path(run_dir)
-    logger = MetricsLogger(run_dir, enabled=rt.is_main)
     scaler = rt.grad_scaler()
     step, epoch, batch_in_epoch, last, skipped = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0, {}, 0)
+    if rt.is_main and "config" in task.checkpoint_meta:  # after the resume checks: a refused run changes nothing
+        save_config(task.checkpoint_meta["config"], run_dir)
+    logger = MetricsLogger(run_dir, enabled=rt.is_main)
     stop_at = min(task.total_steps, cfg.max_steps) if cfg.max_steps else task.total_steps
     steps_per_epoch = len(task.batches)
     bar = _progress(stop_at, step, cfg.progress and rt.is_main, task.stage)

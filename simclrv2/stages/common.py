@@ -13,7 +13,7 @@ from torch import nn
 from simclrv2 import data as D
 from simclrv2.distributed import broadcast_object
 from simclrv2.data.batches import native_image_size
-from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, save_config
+from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig
 from simclrv2.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, resolve_checkpoint, step_checkpoints
 from simclrv2.engine.runtime import Runtime
 from simclrv2.models import SimCLRv2Model, build_simclrv2_model
@@ -36,7 +36,8 @@ def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
 
 
 def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
-    """Create the run folder and save the resolved config beside the outputs.
+    """Create the run folder; the training loop saves the resolved config there once any resume
+    checks have passed (``TrainTask.checkpoint_meta["config"]``).
 
     Without ``--resume`` a folder that already holds checkpoints is refused: the new run's
     checkpoints would be rotated out by the older, higher-numbered ones.
@@ -45,8 +46,6 @@ def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
     if not cfg.runtime.resume and step_checkpoints(run_dir / CHECKPOINT_DIR):
         raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of an earlier run; pass --resume true "
                           "to continue it, or choose another --run-dir")
-    if rt.is_main:
-        save_config(cfg, run_dir)
     return run_dir
 
 
