@@ -134,7 +134,7 @@ class _ListSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
     """The torch seed under which sample ``index`` is loaded in ``epoch``."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
 
@@ -189,7 +189,7 @@ class FileLoader(_Sharded):
             drop_last=False, generator=torch.Generator().manual_seed(seed + 1000003 * rank), **extra)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self._sampler.indices = [(i, sample_seed(self.seed, self.epoch, i)) for i in self._indices().tolist()]
+        self._sampler.indices = [(i, _sample_seed(self.seed, self.epoch, i)) for i in self._indices().tolist()]
         self.start_batch = 0  # only the first iteration after set_epoch resumes mid-epoch
         for batch in self.dataloader:
             images, labels = batch[0], batch[1]
