@@ -149,6 +149,13 @@ def take_subset(dataset, data: DataConfig, seed: int):
     return dataset.subset(order.sort().values)
 
 
+def labelled_train_set(data: DataConfig, labels_cfg: LabelConfig, seed: int):
+    """(training split after ``--subset``, its labelled part): the same labelled images for
+    fine-tuning, linear evaluation and distillation."""
+    train = take_subset(load_split(data, "train", data.image_size), data, seed)
+    return train, train.subset(labelled_indices(labels_cfg, train, seed))
+
+
 def labelled_indices(labels_cfg: LabelConfig, dataset, seed: int) -> torch.Tensor:
     """Indices of the labelled examples: a file of ids, a per-class count or a class-balanced fraction."""
     if dataset.labels is None:

@@ -70,8 +70,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     use_labels = cfg.distill_alpha < 1.0
     labelled = None
     if use_labels:
-        full = C.take_subset(C.load_split(cfg.data, "train", cfg.data.image_size), cfg.data, cfg.runtime.seed)
-        labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
+        _, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
     kwargs = student_kwargs(cfg, teacher_ckpt["model_config"])
     kwargs["num_classes"] = teacher.supervised_head.linear.out_features
     student = build_simclrv2_model(**kwargs)

@@ -57,8 +57,7 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     """Fine-tune (or train the baseline), evaluate on ``--eval-split`` and return the metrics."""
     rt = setup_runtime(cfg.runtime)
     C.validate_common(cfg.optim, cfg.runtime, rt)
-    full = C.take_subset(C.load_split(cfg.data, "train", cfg.data.image_size), cfg.data, cfg.runtime.seed)
-    labelled = full.subset(C.labelled_indices(cfg.labels, full, cfg.runtime.seed))
+    full, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, full)
     C.fit_batch_to_data(cfg.optim, len(labelled), rt)
     model, kwargs = _build_model(cfg, image_size, len(full.classes))
