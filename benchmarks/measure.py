@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ def _memory(device: torch.device, sampler: common.MemorySampler) -> dict[str, fl
     return out
 
 
+def _memory_sampler(spec: dict[str, Any]) -> common.MemorySampler:
+    return common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL))
+
+
 # ---------------------------------------------------------------------------------------------
 # Augmentation
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +74,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     size, batch = spec["size"], spec["batch_size"]
-    with common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
+    with _memory_sampler(spec) as mem:
         images = torch.from_numpy(common.synthetic_images(spec["num_images"], size)).to(device)
         augment = SimCLRAugment(size, color_jitter_strength=spec["strength"], use_blur=size > 32)
         generator = torch.Generator(device=device).manual_seed(0)
@@ -92,7 +96,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
     size, batch, workers = spec["size"], spec["batch_size"], spec["workers"]
-    with common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
+    with _memory_sampler(spec) as mem:
         images = reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], size))
         loader = reference.make_loader(images, size, batch, workers, spec["strength"])
         timer = common.StepTimer()
@@ -153,37 +157,22 @@ class _TimedSource:
         return getattr(self._source, name)
 
 
-def _time_forward(net: torch.nn.Module, timer: common.StepTimer, device: torch.device) -> None:
-    """Mark each training-mode forward of ``net`` itself as the step's ``forward`` phase (a
-    ``copy.deepcopy`` of ``net``, such as a momentum encoder, keeps the hooks but is not timed)."""
+def _phase_hooks(timer: common.StepTimer, name: str, device: torch.device,
+                 applies: Callable[..., bool] = lambda *args: True) -> tuple[Callable, Callable]:
+    """A (before, after) hook pair that marks the time between them as phase ``name`` of the
+    current step, for calls where ``applies(*hook_args)`` holds."""
     started: list[float] = []
 
-    def before(module, args):
-        if module is net and module.training:
+    def before(*args) -> None:
+        if applies(*args):
             _sync(device)
             started[:] = [time.perf_counter()]
 
-    def after(module, args, output):
-        if module is net and module.training:
+    def after(*args) -> None:
+        if applies(*args):
             _sync(device)
-            timer.mark("forward", time.perf_counter() - started[0])
-    net.register_forward_pre_hook(before)
-    net.register_forward_hook(after)
-
-
-def _time_optimizer(optimizer: torch.optim.Optimizer, timer: common.StepTimer, device: torch.device) -> None:
-    """Mark each ``optimizer.step()`` as the step's ``optimizer`` phase."""
-    started: list[float] = []
-
-    def before(opt, args, kwargs):
-        _sync(device)
-        started[:] = [time.perf_counter()]
-
-    def after(opt, args, kwargs):
-        _sync(device)
-        timer.mark("optimizer", time.perf_counter() - started[0])
-    optimizer.register_step_pre_hook(before)
-    optimizer.register_step_post_hook(after)
+            timer.mark(name, time.perf_counter() - started[0])
+    return before, after
 
 
 def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
@@ -198,29 +187,33 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     def timed_prepare_model(*args, **kwargs):
         net = original_prepare(*args, **kwargs)
-        _time_forward(net, timer, device)
+        # Training forwards of ``net`` itself: a deep copy (momentum encoder) keeps the hooks.
+        before, after = _phase_hooks(timer, "forward", device, lambda module, *_: module is net and module.training)
+        net.register_forward_pre_hook(before)
+        net.register_forward_hook(after)
         return net
 
     def timed_build_optimizer(*args, **kwargs):
         optimizer = original_optimizer(*args, **kwargs)
-        _time_optimizer(optimizer, timer, device)
+        before, after = _phase_hooks(timer, "optimizer", device)
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
         return optimizer
 
     def timed_pretrain_views(*args, **kwargs):
         source, make_views = original_pretrain_views(*args, **kwargs)
+        before, after = _phase_hooks(timer, "augment", device)
 
         def timed_views(batch, generator):
-            _sync(device)
-            t0 = time.perf_counter()
+            before()
             views = make_views(batch, generator)
-            _sync(device)
-            timer.mark("augment", time.perf_counter() - t0)
+            after()
             return views
         return _TimedSource(source, timer), timed_views
 
     batches.pretrain_views = timed_pretrain_views
     pretrain.prepare_model, stage_common.build_optimizer = timed_prepare_model, timed_build_optimizer
-    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
+    with tempfile.TemporaryDirectory() as tmp, _memory_sampler(spec) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         pretrain.run(cfg)
         logged = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -242,7 +235,7 @@ def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp, common.MemorySampler(spec.get("mem_interval", common.MEMORY_SAMPLE_INTERVAL)) as mem:
+    with tempfile.TemporaryDirectory() as tmp, _memory_sampler(spec) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         data = build_dataset(cfg.data.dataset, cfg.data.data_dir, "train")
         images = reference.to_hwc_rgb(data.images.numpy())
