@@ -228,16 +228,55 @@ def test_folder_strict_errors(tmp_path):
         ImageFolderDataset(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("mode", ["eval", "train", "resize"])
-def test_folder_outputs_fixed_size_rgb(tmp_path, mode):
+@pytest.mark.parametrize("mode, crops, shape", [("eval", 1, (3, 24, 24)), ("train", 1, (3, 24, 24)),
+                                               ("train", 2, (2, 3, 24, 24))])
+def test_folder_outputs_fixed_size_rgb(tmp_path, mode, crops, shape):
     _tree(tmp_path, bad=False, empty=False)
-    ds = ImageFolderDataset(tmp_path, image_size=24, mode=mode)
+    ds = ImageFolderDataset(tmp_path, image_size=24, mode=mode, crops=crops)
     for i in range(len(ds)):
         image, label, skipped = ds[i]
-        assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and skipped == 0
+        assert image.shape == shape and image.dtype == torch.uint8 and skipped == 0
     assert ds.targets == [0, 0, 1, 1]
     grey = ds[2][0]
-    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert torch.equal(grey[..., 0, :, :], grey[..., 1, :, :]) and torch.equal(grey[..., 1, :, :], grey[..., 2, :, :])
+    decoded = ds.with_mode("decode")
+    assert decoded[0][0].shape == (3, 40, 50) and decoded.samples == ds.samples and ds.mode == mode
+    with pytest.raises(DataError, match="crops must be at least 1"):
+        ds.with_mode("train", crops=0)
+
+
+def test_folder_train_crops_are_official_crops_of_the_whole_image(tmp_path):
+    """Each crop is the official crop rule applied to the full decoded image, resized with TF's
+    bicubic: the same pixels as cropping and resizing the original by hand."""
+    from simclrv2.data.augment import resize_boxes, sample_crop_boxes
+
+    (tmp_path / "x").mkdir()
+    img = _image(48, 96, seed=3)
+    _save(img, tmp_path / "x" / "wide.png")
+    ds = ImageFolderDataset(tmp_path, image_size=32, mode="train", crops=3)
+    torch.manual_seed(11)
+    crops = ds[0][0]
+    torch.manual_seed(11)
+    boxes = sample_crop_boxes(3, 48, 96)
+    expected = resize_boxes(img[None].expand(3, -1, -1, -1), boxes, 32).clamp(0, 1).mul(255)
+    assert (crops.float() - expected).abs().max() <= 0.5 + 1e-3  # only the uint8 rounding
+    assert len({tuple(b) for b in boxes.tolist()}) == 3  # independent crops
+
+
+def test_folder_train_crops_reach_beyond_the_centre_square(tmp_path):
+    """A wide image whose thirds are red, green and blue: crops from the full image are sometimes
+    mostly red or mostly blue (a centre-square crop would only ever see green)."""
+    (tmp_path / "x").mkdir()
+    img = torch.zeros(3, 40, 120, dtype=torch.uint8)
+    for c in range(3):
+        img[c, :, 40 * c:40 * (c + 1)] = 255
+    _save(img, tmp_path / "x" / "thirds.png")
+    ds = ImageFolderDataset(tmp_path, image_size=16, mode="train", crops=200)
+    torch.manual_seed(0)
+    means = ds[0][0].float().mean(dim=(2, 3))  # (crops, RGB)
+    dominant = means.argmax(dim=1)
+    counts = torch.bincount(dominant, minlength=3)
+    assert counts[0] > 10 and counts[2] > 10 and counts[1] > 10, counts
 
 
 def test_folder_eval_is_official_centre_crop(tmp_path):
@@ -271,7 +310,7 @@ def test_build_folder_splits(tmp_path):
     _tree(tmp_path / "val", bad=False, empty=False)
     train = build_dataset("folder", tmp_path, "train", image_size=20)
     val = build_dataset("folder", tmp_path, "test", image_size=20)
-    assert train.mode == "resize" and val.mode == "eval" and val.root == tmp_path / "val"
+    assert train.mode == "train" and val.mode == "eval" and val.root == tmp_path / "val"
     with pytest.raises(DataError, match="--data-dir"):
         build_dataset("folder", None)
     with pytest.raises(DatasetNotFoundError, match="no train"):

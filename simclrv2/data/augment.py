@@ -584,6 +584,30 @@ class SimCLRAugment:
         return [self(images, generator) for _ in range(num_views)]
 
 
+def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:
+    """Crop one image (C, H, W) to each box ``(y0, x0, h, w)`` and resize to ``size`` x ``size``
+    with TensorFlow's half-pixel kernel (the official ``crop_and_resize`` and eval resize);
+    returns uint8 (V, 3, S, S), clipped and rounded.
+
+    Image-folder workers use it to cut training crops from the full decoded image, so that the
+    batched augmentation only has to flip, jitter and blur.
+    """
+    if image.dim() != 3:
+        raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
+    resize_only = SimCLRAugment(size, color_jitter_strength=0.0, use_blur=False, crop=False, flip=False,
+                                color=False, interpolation=interpolation)
+    off = torch.zeros(1, dtype=torch.bool)
+    views = []
+    for y0, x0, h, w in torch.as_tensor(boxes, dtype=torch.long).view(-1, 4).tolist():
+        crop = image[:, y0:y0 + h, x0:x0 + w].contiguous()[None]  # taps never leave the crop
+        params = AugmentParams(boxes=torch.tensor([[0, 0, h, w]]), flip=off, jitter=off, order=torch.arange(4)[None],
+                               brightness=torch.ones(1), contrast=torch.ones(1), saturation=torch.ones(1),
+                               hue=torch.zeros(1), grayscale=off, blur=off, sigma=torch.ones(1))
+        views.append(resize_only.apply(crop, params))
+    views = torch.cat(views)
+    return views.mul_(255.0).round_().to(torch.uint8)
+
+
 def finetune_augment(image_size: int, interpolation: str = "bicubic") -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
     augmentation (``preprocess_for_train`` with ``color_distort=False``)."""
@@ -684,8 +708,8 @@ class PILViewsDataset(torch.utils.data.Dataset):
 
 
 __all__: Sequence[str] = (
-    "AugmentParams", "SimCLRAugment", "EvalTransform", "finetune_augment", "torchvision_simclr_transform",
-    "PILViewsDataset", "sample_crop_boxes", "center_crop_box", "interpolation_matrix", "resize_boxes",
+    "AugmentParams", "SimCLRAugment", "EvalTransform", "crop_resize", "finetune_augment",
+    "torchvision_simclr_transform", "PILViewsDataset", "sample_crop_boxes", "center_crop_box", "interpolation_matrix", "resize_boxes",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "to_grayscale",
     "color_jitter", "gaussian_blur", "gaussian_taps", "blur_kernel_radius", "CROP_PROPORTION",
 )

@@ -4,12 +4,16 @@ Each stage iterates a *batch source* (``set_epoch(epoch, start_batch)``, ``len``
 yielding ``(images, labels)``) and turns each batch into model inputs on the device. Two
 pretraining paths exist (``--augmentation``):
 
-* ``batched`` (default): uint8 images are gathered straight from memory (or decoded by
-  DataLoader workers for image folders) and augmented as whole tensor batches on the device
-  with per-image random parameters drawn from a checkpointed generator, so a resumed run sees
-  exactly the same views.
+* ``batched`` (default): uint8 images are gathered straight from memory and augmented as
+  whole tensor batches on the device with per-image random parameters drawn from a
+  checkpointed generator, so a resumed run sees exactly the same views. Image folders are
+  decoded by DataLoader workers, which also cut each view's random crop from the full image
+  (as the official code crops before resizing); the batch then gets the rest on the device.
 * ``torchvision``: the classic per-image PIL pipeline in DataLoader workers; views are made
   in the workers, so resumption continues the schedule but not the exact random views.
+
+Worker-side randomness is seeded per sample (``loader._sample_seed``), so folder runs also
+resume exactly.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
-from .datasets import DataError, TensorImageDataset, build_dataset
+from .datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
 from .loader import FileLoader, make_loader, shard_indices
 
 ViewMaker = Callable[[Any, torch.Generator], tuple[Tensor, Tensor]]
@@ -51,14 +55,21 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
     """(batch source, ``make_views(batch, generator) -> (view1, view2)``) for pretraining."""
     if kind == "batched":
-        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur)
+        folder = isinstance(dataset, ImageFolderDataset)
+        if folder:  # each sample arrives as its two crops (B, 2, 3, S, S)
+            dataset = dataset.with_mode("train", crops=2)
+        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=not folder)
 
         def make_views(batch: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
             images = batch[0]
+            if folder:
+                return augment(images[:, 0], generator), augment(images[:, 1], generator)
             return augment(images, generator), augment(images, generator)
         return train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers), make_views
     if kind == "torchvision":
         transform = torchvision_simclr_transform(image_size, strength, blur=use_blur)
+        if isinstance(dataset, ImageFolderDataset):  # the PIL transform crops the full image itself
+            dataset = dataset.with_mode("decode")
         views_set = PILViewsDataset(dataset, transform, num_views=2)
         source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                             world_size=world_size, num_workers=num_workers, device=device)
@@ -70,14 +81,21 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
     raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
 
 
-def crop_flip(image_size: int) -> SimCLRAugment:
-    """Fine-tuning and distillation augmentation: random resized crop + flip (paper section 3)."""
-    return finetune_augment(image_size)
+def crop_flip_inputs(dataset: Any, image_size: int) -> tuple[Any, SimCLRAugment]:
+    """(dataset to load, batch augmentation) for fine-tuning and distillation: random resized
+    crop + flip (paper section 3). Image folders crop the full image in the workers."""
+    if isinstance(dataset, ImageFolderDataset):
+        return dataset.with_mode("train"), SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False,
+                                                         crop=False, color=False)
+    return dataset, finetune_augment(image_size)
 
 
-def eval_preprocess(image_size: int) -> EvalTransform:
-    """Official evaluation preprocessing (centre crop above 32 px, then resize)."""
-    return EvalTransform(image_size)
+def eval_inputs(dataset: Any, image_size: int) -> tuple[Any, EvalTransform]:
+    """(dataset to load, batch preprocessing) for evaluation and feature extraction: the
+    official centre crop above 32 px, then resize. Image folders do both in the workers."""
+    if isinstance(dataset, ImageFolderDataset):
+        return dataset.with_mode("eval"), EvalTransform(image_size, crop=False)
+    return dataset, EvalTransform(image_size)
 
 
 def split_size(dataset: str, data_dir: Optional[str], split: str) -> int:
@@ -111,19 +129,27 @@ class TensorBatches:
             yield self.features[idx].to(self.device), self.labels[idx].to(self.device)
 
 
-def batch_at_step(dataset: TensorImageDataset, batch_size: int, step: int, seed: int, rank: int,
-                  world_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The labelled batch for training step ``step`` of an endless shuffled pass over ``dataset``.
+class StepBatches:
+    """``stream(step)``: the batch for training step ``step`` of an endless shuffled pass over
+    ``dataset``, for a second data stream (the labelled part of distillation).
 
-    A pure function of ``step``, so a second data stream (the labelled part of distillation)
-    resumes exactly without state of its own.
+    The batch is a pure function of the step, so the stream resumes exactly without state of its
+    own; consecutive steps read one loader in order, any other step restarts it there.
     """
-    per_epoch = len(shard_indices(len(dataset), 0, seed, False, rank, world_size)) // batch_size
-    if per_epoch == 0:
-        raise DataError(f"{len(dataset)} labelled images give no batch of {batch_size} per process; lower "
-                        "--train-batch-size or raise --label-fraction / --labels-per-class")
-    epoch, index = divmod(step, per_epoch)
-    order = shard_indices(len(dataset), epoch, seed, True, rank, world_size)
-    idx = order[index * batch_size:(index + 1) * batch_size]
-    images, labels = dataset.images[idx], dataset.labels[idx]
-    return images.to(device), labels.to(device)
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device,
+                 num_workers: Optional[int] = None):
+        if not 1 <= batch_size <= len(dataset) // world_size:
+            raise DataError(f"{len(dataset)} labelled images give no batch of {batch_size} per process; lower "
+                            "--train-batch-size or raise --label-fraction / --labels-per-class")
+        self.loader = train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers)
+        self._next_step: Optional[int] = None
+        self._batches: Optional[Iterator[Any]] = None
+
+    def __call__(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, index = divmod(step, len(self.loader))
+        if step != self._next_step or index == 0:
+            self.loader.set_epoch(epoch, index)
+            self._batches = iter(self.loader)
+        self._next_step = step + 1
+        return next(self._batches)

@@ -12,7 +12,8 @@ class names. They are read from the datasets' standard local files, never downlo
 * STL-10: the binary files in ``stl10_binary/`` (column-major images, labels 1..10 -> 0..9).
 
 Image folders (``root/<class>/<image>``) are :class:`ImageFolderDataset` objects that decode
-lazily with Pillow and return fixed-size uint8 tensors so they batch.
+lazily with Pillow (libjpeg-turbo) in DataLoader workers and return fixed-size uint8 tensors so
+they batch; training crops are cut there from the full decoded image, as the official code does.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import CROP_PROPORTION, center_crop_box, sample_crop_boxes
+from .augment import CROP_PROPORTION, center_crop_box, crop_resize, sample_crop_boxes
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,7 +40,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 DATASETS = ("embedded", "fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-FOLDER_MODES = ("eval", "train", "resize")
+FOLDER_MODES = ("eval", "train", "decode")
 DEFAULT_DATA_DIR = Path("data")
 
 
@@ -314,13 +315,17 @@ def load_stl10(data_dir: Optional[PathLike] = None, split: str = "train") -> Ten
 # Image folders
 # ----------------------------------------------------------------------------------------------
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """``root/<class>/**/<image>`` decoded lazily to uint8 (3, S, S) tensors.
+    """``root/<class>/**/<image>`` decoded lazily to uint8 tensors.
 
-    ``mode``: ``"eval"`` = official eval preprocessing (aspect-preserving centre crop of 0.875,
-    or of 1.0 at 32 px or less, then resize); ``"train"`` = one random crop per sample with the
-    official crop rule, then resize (fine-tuning); ``"resize"`` = shorter-side centre square,
-    then resize (pretraining, where the batched augmentation crops each view). Resizing is
-    bicubic with antialiasing (torchvision), unlike the official un-antialiased TF resize.
+    ``mode``: ``"eval"`` = official eval preprocessing (aspect-preserving centre crop of
+    ``crop_proportion``, by default 0.875 above 32 px and none at 32 px or less, then resize),
+    (3, S, S); ``"train"`` = ``crops`` independent
+    random crops of the whole image with the official crop rule (``crop_and_resize``), each
+    resized: (3, S, S) for one crop (fine-tuning, distillation), (crops, 3, S, S) otherwise
+    (pretraining: one crop per view; the batched augmentation then flips, jitters and blurs);
+    ``"decode"`` = the decoded image at its own size (for per-image PIL transforms, which crop
+    it themselves). Resizing is TensorFlow's un-antialiased half-pixel bicubic
+    (:func:`~simclrv2.data.augment.crop_resize`), rounded to uint8.
 
     ``dataset[i]`` is ``(image, label, skipped)``; ``skipped`` counts unreadable files that
     were replaced to produce this sample (0 normally), so the count survives DataLoader workers
@@ -330,16 +335,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: PathLike, image_size: int = 224, mode: str = "eval", skip_bad_images: bool = False,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, crop_proportion: Optional[float] = None):
-        if mode not in FOLDER_MODES:
-            raise DataError(f"folder mode must be one of {FOLDER_MODES}, got {mode!r}")
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, crop_proportion: Optional[float] = None,
+                 crops: int = 1):
         if image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
         self.root = Path(root)
-        self.image_size, self.mode, self.skip_bad_images = image_size, mode, skip_bad_images
-        if crop_proportion is None:
-            crop_proportion = CROP_PROPORTION if mode == "eval" and image_size > 32 else 1.0
-        self.crop_proportion = crop_proportion
+        self.image_size, self.skip_bad_images = image_size, skip_bad_images
+        self._set_mode(mode, crops, crop_proportion)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist; pass the folder that holds "
                                        "one sub-folder per class as --data-dir")
@@ -382,11 +384,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """File names (e.g. ``n01440764_10026.JPEG``), the ids used by official subset files."""
         return [os.path.basename(path) for path, _ in self.samples]
 
-    def subset(self, indices: Union[Tensor, Sequence[int]]) -> "ImageFolderDataset":
-        """A copy holding only the samples at ``indices``."""
+    def _set_mode(self, mode: str, crops: int, crop_proportion: Optional[float]) -> None:
+        if mode not in FOLDER_MODES:
+            raise DataError(f"folder mode must be one of {FOLDER_MODES}, got {mode!r}")
+        if crops < 1:
+            raise DataError(f"crops must be at least 1, got {crops}")
+        if crop_proportion is None and self.image_size > 32:
+            crop_proportion = CROP_PROPORTION
+        self.mode, self.crops, self.crop_proportion = mode, crops, crop_proportion
+
+    def _copy(self) -> "ImageFolderDataset":
         new = object.__new__(ImageFolderDataset)
         new.__dict__.update(self.__dict__)
+        return new
+
+    def subset(self, indices: Union[Tensor, Sequence[int]]) -> "ImageFolderDataset":
+        """A copy holding only the samples at ``indices``."""
+        new = self._copy()
         new.samples = [self.samples[i] for i in torch.as_tensor(indices, dtype=torch.long).tolist()]
+        return new
+
+    def with_mode(self, mode: str, crops: int = 1) -> "ImageFolderDataset":
+        """A copy of the same samples read in another ``mode`` (see the class docstring)."""
+        new = self._copy()
+        new._set_mode(mode, crops, self.crop_proportion)
         return new
 
     def load(self, index: int) -> Tensor:
@@ -400,16 +421,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self._transform(image)
 
     def _transform(self, image: Tensor) -> Tensor:
-        from torchvision.transforms.v2 import functional as TF
-
+        if self.mode == "decode":
+            return image
         _, height, width = image.shape
         size = self.image_size
         if self.mode == "train":
-            y0, x0, h, w = sample_crop_boxes(1, height, width)[0].tolist()
-        else:
-            y0, x0, h, w = center_crop_box(height, width, size, size, self.crop_proportion)
-        image = image[:, y0:y0 + h, x0:x0 + w]
-        return TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            crops = crop_resize(image, sample_crop_boxes(self.crops, height, width), size)
+            return crops[0] if self.crops == 1 else crops
+        box = (center_crop_box(height, width, size, size, self.crop_proportion) if self.crop_proportion
+               else (0, 0, height, width))
+        return crop_resize(image, box, size)[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         if not self.skip_bad_images:
@@ -468,7 +489,8 @@ def build_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "
     In-memory sets keep their native size (``image_size`` is applied later by the batched
     augmentation or eval transform). For ``folder``, ``split`` selects ``data_dir/train`` or
     ``data_dir/val`` (or ``test``), ``image_size`` defaults to 224 and ``folder_mode``
-    defaults to ``resize`` for the train split and ``eval`` otherwise.
+    defaults to ``train`` (one random crop per sample) for the train split and ``eval``
+    otherwise; :mod:`simclrv2.data.batches` switches modes per use.
     """
     key = name.lower().replace("-", "_")
     if key in ("embedded", "fashion_mnist"):
@@ -480,6 +502,6 @@ def build_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "
     if key == "folder":
         if data_dir is None:
             raise DataError("the folder dataset needs --data-dir (a folder with train/ and val/ sub-folders)")
-        mode = folder_mode or ("resize" if split == "train" else "eval")
+        mode = folder_mode or ("train" if split == "train" else "eval")
         return ImageFolderDataset(_folder_split_dir(Path(data_dir), split), image_size or 224, mode, skip_bad_images)
     raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")

@@ -86,11 +86,15 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = C.build_optimizer(student, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(unlabeled))
     local_batch = C.local_batch_size(cfg.optim, rt)
-    batches = B.train_batches(unlabeled, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
+    crops, augment = B.crop_flip_inputs(unlabeled, image_size)
+    batches = B.train_batches(crops, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
                               cfg.data.num_workers)
-    labelled_batch = min(local_batch, len(labelled) // rt.world_size) if labelled is not None else 0
+    labelled_batches = None
+    if labelled is not None:
+        labelled_batches = B.StepBatches(B.crop_flip_inputs(labelled, image_size)[0],
+                                         min(local_batch, len(labelled) // rt.world_size), cfg.runtime.seed + 1,
+                                         rt.rank, rt.world_size, rt.device, cfg.data.num_workers)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
-    augment = B.crop_flip(image_size)
     tau, alpha = cfg.distill_temperature, cfg.distill_alpha
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -103,9 +107,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         agreement = (student_logits.detach().argmax(1) == teacher_logits.argmax(1)).float().mean()
         metrics: dict[str, Any] = {"distill_loss": distill.detach(), "teacher_agreement": agreement}
         loss = alpha * distill
-        if labelled is not None:
-            l_images, l_labels = B.batch_at_step(labelled, labelled_batch, step, cfg.runtime.seed + 1, rt.rank,
-                                                 rt.world_size, rt.device)
+        if labelled_batches is not None:
+            l_images, l_labels = labelled_batches(step)
             l_logits = net(to_device_images(augment(l_images, generator), rt))[1]
             sup = F.cross_entropy(l_logits.float(), l_labels.to(l_logits.device))
             metrics["sup_loss"] = sup.detach()

@@ -47,10 +47,10 @@ def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tupl
 
 def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Runtime) -> dict[str, Any]:
     """Top-1 / top-5 of ``net``'s logits on the configured evaluation split."""
-    eval_set = C.load_split(cfg_data, cfg_data.eval_split, image_size)
+    eval_set, preprocess = B.eval_inputs(C.load_split(cfg_data, cfg_data.eval_split, image_size), image_size)
     net.eval()
     return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, B.eval_preprocess(image_size))
+        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
 
 
 def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
@@ -66,10 +66,10 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = C.build_optimizer(model, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
-    batches = B.train_batches(labelled, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
+    crops, augment = B.crop_flip_inputs(labelled, image_size)
+    batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
                               rt.world_size, rt.device, cfg.data.num_workers)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
-    augment = B.crop_flip(image_size)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         images, labels = batch

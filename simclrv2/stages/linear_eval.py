@@ -27,9 +27,9 @@ from simclrv2.stages import common as C
 
 def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int):
     head = model.projection_head
+    dataset, preprocess = B.eval_inputs(dataset, image_size)
     return extract_features(lambda x: head.hidden_at(model.encoder(x), selector),
-                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt,
-                            B.eval_preprocess(image_size))
+                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt, preprocess)
 
 
 def run(cfg: LinearEvalConfig) -> dict[str, Any]:

@@ -100,8 +100,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         queue.enqueue(torch.cat([all_gather_nograd(k1), all_gather_nograd(k2)]))
         ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
-    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size) if has_labels else None
-    preprocess = B.eval_preprocess(image_size)
+    if has_labels:
+        eval_set, preprocess = B.eval_inputs(C.load_split(cfg.data, cfg.data.eval_split, image_size), image_size)
 
     def linear_eval(epoch: int) -> dict[str, Any]:
         """Accuracy of the linear head trained on stop-gradient features (official monitor)."""

@@ -1,0 +1,149 @@
+"""Image folders through the stages' data layer: training crops cut from the full decoded image,
+evaluation preprocessing applied once, and the labelled stream of distillation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from simclrv2.cli import main
+from simclrv2.data import batches as B
+from simclrv2.data.augment import EvalTransform
+from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset
+from simclrv2.data.loader import shard_indices
+
+MODEL = ["--resnet-depth", "18", "--width-multiplier", "0.125"]
+RUN = ["--progress", "false", "--precision", "fp32", "--num-threads", "1", "--num-workers", "0",
+       "--eval-batch-size", "8", "--train-batch-size", "4", "--label-fraction", "0.5"]
+
+
+def _thirds(height: int = 40, width: int = 120) -> torch.Tensor:
+    """A wide image whose left, middle and right thirds are pure red, green and blue."""
+    img = torch.zeros(3, height, width, dtype=torch.uint8)
+    for c in range(3):
+        img[c, :, width // 3 * c:width // 3 * (c + 1)] = 255
+    return img
+
+
+def _save(img: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+def _random_image(h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_pretraining_views_crop_the_whole_image(tmp_path):
+    for i in range(8):
+        _save(_thirds(), tmp_path / "c" / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path, image_size=16, mode="eval")
+    source, make_views = B.pretrain_views("batched", dataset, 4, seed=0, rank=0, world_size=1,
+                                          device=torch.device("cpu"), image_size=16, strength=1.0, use_blur=False,
+                                          num_workers=0)
+    dominant = []
+    for epoch in range(4):
+        source.set_epoch(epoch)
+        for images, _ in source:
+            assert images.shape == (4, 2, 3, 16, 16) and images.dtype == torch.uint8
+            dominant.append(images.float().mean(dim=(3, 4)).argmax(dim=2).flatten())
+            view1, view2 = make_views((images, None), torch.Generator().manual_seed(epoch))
+            assert view1.shape == view2.shape == (4, 3, 16, 16) and view1.dtype == torch.float32
+            assert 0 <= view1.min() and view1.max() <= 1 and not torch.equal(view1, view2)
+    counts = torch.bincount(torch.cat(dominant), minlength=3)
+    # Crops of the full image land in every third; the old centre square only ever saw green.
+    assert (counts >= 6).all(), counts
+
+
+def test_torchvision_path_gets_the_full_decoded_image(tmp_path):
+    for i in range(4):
+        _save(_thirds(), tmp_path / "c" / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path, image_size=16)
+    source, make_views = B.pretrain_views("torchvision", dataset, 2, 0, 0, 1, torch.device("cpu"), 16, 1.0, False, 0)
+    assert source.dataset.dataset.mode == "decode"
+    images, _ = next(iter(source))
+    view1, view2 = make_views((images, None), torch.Generator())
+    assert view1.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_folder_evaluation_preprocesses_once(tmp_path, size):
+    """A folder batch after ``eval_inputs``' preprocessing equals the official eval preprocessing
+    of the original image (centre crop 0.875 above 32 px, resize), up to uint8 rounding."""
+    originals = [_random_image(64, 48, seed=i) for i in range(3)]
+    for i, img in enumerate(originals):
+        _save(img, tmp_path / "c" / f"{i}.png")
+    dataset, preprocess = B.eval_inputs(ImageFolderDataset(tmp_path, image_size=size, mode="train"), size)
+    images, _ = next(iter(B.eval_batches(dataset, 3, 0, 1, torch.device("cpu"))))
+    got = preprocess(images)
+    expected = EvalTransform(size)(torch.stack(originals))
+    assert got.shape == expected.shape == (3, 3, size, size)
+    assert (got - expected).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_in_memory_evaluation_keeps_the_batched_transform():
+    dataset = TensorImageDataset(_random_image(48, 48, 0)[None].repeat(2, 1, 1, 1), torch.tensor([0, 1]), ("a", "b"),
+                                 "mem")
+    same, preprocess = B.eval_inputs(dataset, 40)
+    assert same is dataset and preprocess.crop
+
+
+def test_fine_tuning_folder_batches_are_crops_and_the_batch_only_flips(tmp_path):
+    for i in range(4):
+        _save(_random_image(30, 50, seed=i), tmp_path / "c" / f"{i}.png")
+    dataset, augment = B.crop_flip_inputs(ImageFolderDataset(tmp_path, image_size=16), 16)
+    assert dataset.mode == "train" and dataset.crops == 1
+    images, _ = next(iter(B.train_batches(dataset, 4, 0, 0, 1, torch.device("cpu"), num_workers=0)))
+    assert images.shape == (4, 3, 16, 16)
+    out = augment(images, torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    flipped = [(o - x[i].flip(-1)).abs().max() < 1e-5 for i, o in enumerate(out)]
+    kept = [(o - x[i]).abs().max() < 1e-5 for i, o in enumerate(out)]
+    assert all(f or k for f, k in zip(flipped, kept))
+
+
+def _ids_dataset(n: int) -> TensorImageDataset:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+    return TensorImageDataset(images, torch.arange(n), tuple(str(i) for i in range(n)), "ids")
+
+
+def test_step_batches_are_a_pure_function_of_the_step():
+    dataset, batch, seed = _ids_dataset(11), 3, 5
+    stream = B.StepBatches(dataset, batch, seed, 0, 1, torch.device("cpu"))
+    per_epoch = 11 // batch
+    for step in [0, 1, 2, 3, 4, 9, 2, 7, 8]:  # in order, across epochs, and jumping back and forth
+        epoch, index = divmod(step, per_epoch)
+        order = shard_indices(11, epoch, seed, True)
+        _, labels = stream(step)
+        assert labels.tolist() == order[index * batch:(index + 1) * batch].tolist(), step
+    with pytest.raises(DataError, match="labelled images give no batch of 12"):
+        B.StepBatches(dataset, 12, seed, 0, 1, torch.device("cpu"))
+
+
+def test_step_batches_over_an_image_folder(tmp_path):
+    for i in range(5):
+        _save(_random_image(20, 20, seed=i), tmp_path / f"c{i % 2}" / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path, image_size=8, mode="train")
+    stream = B.StepBatches(dataset, 2, 1, 0, 1, torch.device("cpu"), num_workers=0)
+    sequential = [stream(s) for s in range(5)]
+    again = B.StepBatches(dataset, 2, 1, 0, 1, torch.device("cpu"), num_workers=0)
+    for step in (3, 1, 4):
+        images, labels = again(step)
+        assert torch.equal(images, sequential[step][0]) and torch.equal(labels, sequential[step][1])
+
+
+def test_stages_on_an_image_folder_above_32_px(tmp_path):
+    """Fine-tuning, evaluation and distillation mixed with labels (which needs the labelled
+    stream over the folder) at 40 px, where evaluation centre-crops."""
+    for split, n in (("train", 6), ("val", 2)):
+        for c in range(2):
+            for i in range(n):
+                _save(_random_image(56, 44, seed=100 * c + i), tmp_path / "data" / split / f"k{c}" / f"{i}.png")
+    common = ["--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", "40", *RUN]
+    teacher = tmp_path / "teacher"
+    assert main([str(a) for a in ["finetune", *common, *MODEL, "--run-dir", teacher, "--train-steps", "2"]]) == 0
+    assert main([str(a) for a in ["distill", *common, "--checkpoint", teacher, "--run-dir", tmp_path / "student",
+                                  "--train-steps", "3", "--distill-alpha", "0.5"]]) == 0
+    assert (tmp_path / "student" / "eval.json").exists()
