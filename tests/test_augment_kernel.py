@@ -97,3 +97,18 @@ def test_fused_without_numba_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="needs Numba"):
         A.SimCLRAugment(32, fused=True)
     assert A.SimCLRAugment(32).fused is False
+
+
+def test_crop_resize_same_with_and_without_the_kernel(monkeypatch):
+    """Worker-side crops of one image: the kernel and the tensor fallback (Numba missing) agree
+    up to the uint8 rounding, and both equal ``resize_boxes`` on the original."""
+    image = _images(6, 3, 75, 110, seed=4)[5]
+    boxes = A.sample_crop_boxes(6, 75, 110, torch.Generator().manual_seed(2))
+    fused = A.crop_resize(image, boxes, 48)
+    monkeypatch.setattr(augment_kernel, "available", lambda: False)
+    assert not A.SimCLRAugment(48).fused
+    plain = A.crop_resize(image, boxes, 48)
+    assert fused.shape == plain.shape == (6, 3, 48, 48) and fused.dtype == plain.dtype == torch.uint8
+    assert (fused.int() - plain.int()).abs().max() <= 1
+    exact = A.resize_boxes(image[None].expand(6, -1, -1, -1), boxes, 48).clamp(0, 1) * 255
+    assert (plain.float() - exact).abs().max() <= 0.5 + 1e-3

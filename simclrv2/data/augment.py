@@ -596,16 +596,15 @@ def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "b
         raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
     resize_only = SimCLRAugment(size, color_jitter_strength=0.0, use_blur=False, crop=False, flip=False,
                                 color=False, interpolation=interpolation)
+    boxes = torch.as_tensor(boxes, dtype=torch.long).view(-1, 4)
     off = torch.zeros(1, dtype=torch.bool)
-    views = []
-    for y0, x0, h, w in torch.as_tensor(boxes, dtype=torch.long).view(-1, 4).tolist():
-        crop = image[:, y0:y0 + h, x0:x0 + w].contiguous()[None]  # taps never leave the crop
-        params = AugmentParams(boxes=torch.tensor([[0, 0, h, w]]), flip=off, jitter=off, order=torch.arange(4)[None],
+    out = torch.empty(boxes.shape[0], 3, size, size, dtype=torch.uint8)
+    for k in range(boxes.shape[0]):  # one image at a time: no copies of the source
+        params = AugmentParams(boxes=boxes[k:k + 1], flip=off, jitter=off, order=torch.arange(4)[None],
                                brightness=torch.ones(1), contrast=torch.ones(1), saturation=torch.ones(1),
                                hue=torch.zeros(1), grayscale=off, blur=off, sigma=torch.ones(1))
-        views.append(resize_only.apply(crop, params))
-    views = torch.cat(views)
-    return views.mul_(255.0).round_().to(torch.uint8)
+        out[k] = resize_only.apply(image[None], params)[0].mul_(255.0).round_()
+    return out
 
 
 def finetune_augment(image_size: int, interpolation: str = "bicubic") -> SimCLRAugment:
