@@ -72,6 +72,33 @@ def write_synthetic_fashion_mnist(directory: Path, n_train: int, n_test: int, se
     return directory
 
 
+# ImageNet's median photo is about 500 x 375 (landscape), stored as JPEG at quality ~90.
+JPEG_SHAPE = (375, 500)
+
+
+def write_synthetic_jpeg_folder(directory: Path, n: int, classes: int = 10, seed: int = 0,
+                                shape: tuple[int, int] = JPEG_SHAPE, quality: int = 90) -> Path:
+    """``directory/<class>/<i>.jpg``: ``n`` synthetic photos of ImageNet's typical size, so the
+    folder pipeline's decoding cost is realistic. Written once; reused while complete."""
+    from PIL import Image
+
+    directory = Path(directory)
+    done = directory / f".complete-{n}-{classes}-{seed}-{shape[0]}x{shape[1]}-q{quality}"
+    if done.exists():
+        return directory
+    height, width = shape
+    rng = np.random.default_rng(seed)
+    for i in range(n):  # a smooth random colour field (bicubic from 8 x 6) plus pixel noise
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                           Image.BICUBIC)
+        noisy = np.asarray(coarse, dtype=np.float32) + rng.normal(0.0, 12.0, (height, width, 3)).astype(np.float32)
+        folder = directory / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=quality)
+    done.touch()
+    return directory
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: peak of the whole process tree (DataLoader workers included)
 # ---------------------------------------------------------------------------------------------

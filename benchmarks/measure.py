@@ -8,6 +8,9 @@ Specs (``kind``):
 * ``augment_ours``: ``SimCLRAugment`` two views of whole uint8 batches gathered at random from
   an in-memory set (what the ``batched`` pretraining path does per step), on ``device``.
 * ``augment_reference``: the torchvision per-image pipeline in a DataLoader (``reference.py``).
+* ``folder_ours``: two views per image from a folder of JPEGs, as folder pretraining makes them
+  (``batches.pretrain_views``: crops in the DataLoader workers, the rest batched), default workers.
+* ``folder_reference``: ``torchvision.datasets.ImageFolder`` with the per-image pipeline.
 * ``e2e_ours``: ``simclrv2.stages.pretrain.run`` itself on a config from
   ``simclrv2.config.build``: our model, batched augmentation, NT-Xent, LARS, the shared loop and
   its runtime defaults (bf16 autocast where supported, channels-last). The batch source and the
@@ -106,6 +109,58 @@ def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
                 break
         result = timer.summary(spec["warmup"], batch)
     del loader  # after the sampler's last sample, which must still see the workers
+    return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
+            "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
+            "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
+
+
+def _folder(spec: dict[str, Any]) -> str:
+    return str(common.write_synthetic_jpeg_folder(Path(tempfile.gettempdir()) / "simclrv2-bench-jpegs",
+                                                  spec["num_images"]))
+
+
+def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """What folder pretraining does per step before the model: DataLoader workers decode each
+    JPEG and cut its two crops; the main process flips, jitters and blurs the batch."""
+    from simclrv2.data import batches as B
+    from simclrv2.data.datasets import ImageFolderDataset
+
+    device = torch.device(spec["device"])
+    size, batch = spec["size"], spec["batch_size"]
+    root = _folder(spec)
+    with _memory_sampler(spec) as mem:
+        dataset = ImageFolderDataset(root, size)
+        source, make_views = B.pretrain_views("batched", dataset, batch, 0, 0, 1, device, size, spec["strength"],
+                                              True, spec.get("workers"))
+        generator = torch.Generator(device=device).manual_seed(0)
+        timer = common.StepTimer()
+        for i, images in enumerate(timer.wrap(source)):
+            views = make_views(images, generator)
+            _sync(device)
+            timer.end_step()
+            if i + 1 == spec["warmup"] + spec["batches"]:
+                break
+        result = timer.summary(spec["warmup"], batch)
+        workers = source.dataloader.num_workers
+    del source
+    return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
+            "data_wait_fraction": result["data_wait_fraction"], "batch_size": batch,
+            "timed_batches": result["timed_steps"], "workers": workers, "threads": torch.get_num_threads(),
+            "view_shape": list(views[0].shape), "device": str(device), **_memory(device, mem)}
+
+
+def folder_reference(spec: dict[str, Any]) -> dict[str, Any]:
+    size, batch, workers = spec["size"], spec["batch_size"], spec["workers"]
+    root = _folder(spec)
+    with _memory_sampler(spec) as mem:
+        loader = reference.make_folder_loader(root, size, batch, workers, spec["strength"])
+        timer = common.StepTimer()
+        for i, _ in enumerate(timer.wrap(loader)):
+            timer.end_step()
+            if i + 1 == spec["warmup"] + spec["batches"]:
+                break
+        result = timer.summary(spec["warmup"], batch)
+    del loader
     return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
             "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
             "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
@@ -263,6 +318,7 @@ def e2e_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 KINDS = {"augment_ours": augment_ours, "augment_reference": augment_reference,
+         "folder_ours": folder_ours, "folder_reference": folder_reference,
          "e2e_ours": e2e_ours, "e2e_reference": e2e_reference}
 
 

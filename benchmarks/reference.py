@@ -1,7 +1,8 @@
 """The reference: the usual PyTorch SimCLR setup, built only from widely used parts.
 
 * Data: a map-style dataset holding HWC uint8 arrays that returns a PIL image per item (as
-  ``torchvision.datasets.CIFAR10`` does), two independent draws of the standard torchvision
+  ``torchvision.datasets.CIFAR10`` does), or ``torchvision.datasets.ImageFolder`` over JPEG
+  files, two independent draws of the standard torchvision
   SimCLR transform (RandomResizedCrop(0.08-1) -> flip -> RandomApply(ColorJitter(0.8s, 0.8s,
   0.8s, 0.2s), p=0.8) -> RandomGrayscale(0.2) -> [RandomApply(GaussianBlur, p=0.5) above 32 px]
   -> ToTensor), collated by a ``DataLoader`` with worker processes.
@@ -75,6 +76,19 @@ def make_loader(images_hwc: np.ndarray, size: int, batch_size: int, workers: int
                 seed: int = 0) -> torch.utils.data.DataLoader:
     """Shuffled two-view DataLoader over the images (persistent workers, prefetch 2)."""
     dataset = PILImageDataset(images_hwc, TwoViews(simclr_transform(size, s)))
+    extra = dict(persistent_workers=True, prefetch_factor=2) if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def make_folder_loader(root: str, size: int, batch_size: int, workers: int, s: float = 1.0,
+                       seed: int = 0) -> torch.utils.data.DataLoader:
+    """The same two-view transform over JPEG files with ``torchvision.datasets.ImageFolder``
+    (Pillow decoding in the workers), as ImageNet SimCLR code usually reads its data."""
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(root, transform=TwoViews(simclr_transform(size, s)))
     extra = dict(persistent_workers=True, prefetch_factor=2) if workers > 0 else {}
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),

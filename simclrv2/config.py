@@ -59,7 +59,7 @@ class DataConfig:
     augmentation: str = _opt("batched", "batched: per-image random augmentation of whole tensor batches (fast); torchvision: classic per-image PIL pipeline.")
     color_jitter_strength: float = _opt(1.0, "Colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR).")
     use_blur: Optional[bool] = _opt(None, "Gaussian blur during pretraining; default: on for images larger than 32 px (official).")
-    num_workers: Optional[int] = _opt(None, "DataLoader workers for image folders; default: min(8, CPUs).")
+    num_workers: Optional[int] = _opt(None, "DataLoader workers for image folders; default: this process's share of the CPUs (at most 32).")
     skip_bad_images: bool = _opt(False, "Skip unreadable images and count them instead of stopping with an error.")
     eval_batch_size: int = _opt(256, "Batch size for evaluation.")
 

@@ -424,3 +424,16 @@ def test_in_memory_loader_preloads_to_cuda():
     assert loader.preloaded
     for (xa, ya), (xb, yb) in zip(loader, cpu):
         assert xa.is_cuda and ya.is_cuda and torch.equal(xa.cpu(), xb) and torch.equal(ya.cpu(), yb)
+
+
+@pytest.mark.parametrize("cpus, local_processes, expected", [(2, None, 2), (16, None, 16), (16, "4", 4),
+                                                             (200, None, 32), (2, "8", 1)])
+def test_default_workers_share_the_cpus_between_local_processes(monkeypatch, cpus, local_processes, expected):
+    from simclrv2.data import loader
+
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert loader.default_num_workers() == expected

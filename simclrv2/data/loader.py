@@ -28,6 +28,7 @@ from torch import Tensor
 from .datasets import DataError, TensorImageDataset
 
 PRELOAD_MAX_BYTES = 4 << 30  # keep datasets up to this size on the accelerator
+MAX_DEFAULT_WORKERS = 32  # ~6 000 two-view 224 px JPEG images/s: more than one GPU consumes
 
 
 def shard_indices(num_samples: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
@@ -157,12 +158,19 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 def default_num_workers() -> int:
-    """min(8, usable CPUs)."""
+    """This process's share of the usable CPUs (split between the ``LOCAL_WORLD_SIZE``
+    processes torchrun starts on the node), at most :data:`MAX_DEFAULT_WORKERS`.
+
+    Decoding and cropping a JPEG takes a worker about 5 ms (``benchmarks/README.md``), so a
+    GPU training ResNet-50 at ~3 000 images/s needs about 16 busy cores; the main process only
+    gathers batches and launches the batched augmentation.
+    """
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return min(8, cpus)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // local_processes))
 
 
 class FileLoader(_Sharded):
@@ -205,7 +213,7 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, drop_last: b
                     rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None,
                     pin_memory: Optional[bool] = None, device: Optional[Union[str, torch.device]] = None,
                     persistent_workers: bool = True) -> FileLoader:
-    """A :class:`FileLoader` with sensible defaults: ``min(8, CPUs)`` persistent workers and
+    """A :class:`FileLoader` with sensible defaults: :func:`default_num_workers` persistent workers and
     pinned memory when CUDA is available."""
     return FileLoader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, num_workers,
                       pin_memory, persistent_workers, device)
