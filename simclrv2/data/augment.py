@@ -594,17 +594,16 @@ def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "b
     """
     if image.dim() != 3:
         raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
-    resize_only = SimCLRAugment(size, color_jitter_strength=0.0, use_blur=False, crop=False, flip=False,
-                                color=False, interpolation=interpolation)
     boxes = torch.as_tensor(boxes, dtype=torch.long).view(-1, 4)
-    off = torch.zeros(1, dtype=torch.bool)
-    out = torch.empty(boxes.shape[0], 3, size, size, dtype=torch.uint8)
-    for k in range(boxes.shape[0]):  # one image at a time: no copies of the source
-        params = AugmentParams(boxes=boxes[k:k + 1], flip=off, jitter=off, order=torch.arange(4)[None],
-                               brightness=torch.ones(1), contrast=torch.ones(1), saturation=torch.ones(1),
-                               hue=torch.zeros(1), grayscale=off, blur=off, sigma=torch.ones(1))
-        out[k] = resize_only.apply(image[None], params)[0].mul_(255.0).round_()
-    return out
+    _, height, width = image.shape
+    if augment_kernel.available() and image.dtype == torch.uint8 and image.device.type == "cpu":
+        taps_y, weights_y = interpolation_taps(boxes[:, 0], boxes[:, 2], height, size, interpolation)
+        taps_x, weights_x = interpolation_taps(boxes[:, 1], boxes[:, 3], width, size, interpolation)
+        return augment_kernel.resize_crops(image, taps_y, weights_y, taps_x.transpose(1, 2),
+                                           weights_x.transpose(1, 2), size)
+    views = resize_boxes(_as_rgb(image[None]).expand(boxes.shape[0], -1, -1, -1), boxes, size,
+                         interpolation=interpolation)
+    return views.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
 
 def finetune_augment(image_size: int, interpolation: str = "bicubic") -> SimCLRAugment:

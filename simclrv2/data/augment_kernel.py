@@ -185,6 +185,20 @@ if numba is not None:
                 _blur_plane(out[c], blur_taps, tmp)
 
     @njit(**_OPTS)
+    def _resize_crops(src, taps_y, weights_y, taps_x, weights_x, out):
+        size = out.shape[2]
+        row = np.empty(src.shape[2], dtype=np.float32)
+        tmp = np.empty((max(src.shape[1], size), size), dtype=np.float32)
+        plane = np.empty((size, size), dtype=np.float32)
+        for i in range(out.shape[0]):
+            for c in range(3):
+                _resize_plane(src[c if src.shape[0] == 3 else 0], taps_y[i], weights_y[i], taps_x[i], weights_x[i],
+                              row, tmp, plane)
+                for a in range(size):
+                    for b in range(size):
+                        out[i, c, a, b] = np.uint8(np.round(min(max(plane[a, b], _ZERO), _ONE) * np.float32(255.0)))
+
+    @njit(**_OPTS)
     def _augment_batch(images, taps_y, weights_y, taps_x, weights_x, order, factors, gray, blur, blur_taps, out):
         size = out.shape[2]
         row = np.empty(images.shape[3], dtype=np.float32)
@@ -192,6 +206,22 @@ if numba is not None:
         for i in range(images.shape[0]):
             _augment_one(images[i], taps_y[i], weights_y[i], taps_x[i], weights_x[i], order[i], factors[i],
                          gray[i], blur[i], blur_taps[i], out[i], row, tmp)
+
+
+def resize_crops(image: Tensor, taps_y: Tensor, weights_y: Tensor, taps_x: Tensor, weights_x: Tensor,
+                 image_size: int) -> Tensor:
+    """Crops of one uint8 image (1 or 3, H, W), each resized by its taps (as in
+    :func:`augment_views`, no flip or colour): uint8 (N, 3, S, S), clipped and rounded."""
+    if numba is None:
+        raise RuntimeError("the fused augmentation kernel needs Numba: pip install numba")
+    out = torch.empty(taps_y.shape[0], 3, image_size, image_size, dtype=torch.uint8)
+    _resize_crops(_array(image, np.uint8), _array(taps_y, np.int32), _array(weights_y, np.float32),
+                  _array(taps_x, np.int32), _array(weights_x, np.float32), out.numpy())
+    return out
+
+
+def _array(t: Tensor, dtype) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
 
 
 def augment_views(images: Tensor, taps_y: Tensor, weights_y: Tensor, taps_x: Tensor, weights_x: Tensor,
@@ -209,12 +239,10 @@ def augment_views(images: Tensor, taps_y: Tensor, weights_y: Tensor, taps_x: Ten
     n = images.shape[0]
     out = torch.empty(n, 3, image_size, image_size)
 
-    def arr(t: Tensor, dtype) -> np.ndarray:
-        return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
-
-    inputs = (arr(images, np.uint8), arr(taps_y, np.int32), arr(weights_y, np.float32), arr(taps_x, np.int32),
-              arr(weights_x, np.float32), arr(order, np.int32), arr(factors, np.float32),
-              arr(grayscale, np.bool_), arr(blur, np.bool_), arr(blur_taps, np.float32), out.numpy())
+    inputs = (_array(images, np.uint8), _array(taps_y, np.int32), _array(weights_y, np.float32),
+              _array(taps_x, np.int32), _array(weights_x, np.float32), _array(order, np.int32),
+              _array(factors, np.float32), _array(grayscale, np.bool_), _array(blur, np.bool_),
+              _array(blur_taps, np.float32), out.numpy())
     threads = min(torch.get_num_threads(), n)
     if threads <= 1:
         _augment_batch(*inputs)
