@@ -46,7 +46,7 @@ E2E_SWEEP = [[0, 2], [1, 1], [1, 2], [2, 2]]
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {
         "augment": {"warmup": 1, "batches": 4, "batch_size": 256, "workers": {"augment_32": [2], "augment_96": [3]}},
-        "folder": {"warmup": 1, "batches": 2, "batch_size": 128, "workers": [3]},
+        "folder": {"warmup": 1, "batches": 2, "batch_size": 64, "workers": [3]},
         "e2e_embedded": {"warmup": 2, "steps": 3, "reference": [[1, 2]]},
         "e2e_resnet18": {"warmup": 1, "steps": 1, "reference": [[2, 2]]},
         "repeats": 1, "ablation": False,
