@@ -76,13 +76,14 @@ def write_synthetic_fashion_mnist(directory: Path, n_train: int, n_test: int, se
 JPEG_SHAPE = (375, 500)
 
 
-def write_synthetic_jpeg_folder(directory: Path, n: int, classes: int = 10, seed: int = 0,
+def write_synthetic_jpeg_folder(parent: Path, n: int, classes: int = 10, seed: int = 0,
                                 shape: tuple[int, int] = JPEG_SHAPE, quality: int = 90) -> Path:
-    """``directory/<class>/<i>.jpg``: ``n`` synthetic photos of ImageNet's typical size, so the
-    folder pipeline's decoding cost is realistic. Written once; reused while complete."""
+    """``parent/simclrv2-bench-jpegs-<n>/<class>/<i>.jpg``: ``n`` synthetic photos of ImageNet's
+    typical size, so the folder pipeline's decoding cost is realistic. Written once; reused
+    while complete."""
     from PIL import Image
 
-    directory = Path(directory)
+    directory = Path(parent) / f"simclrv2-bench-jpegs-{n}"
     done = directory / f".complete-{n}-{classes}-{seed}-{shape[0]}x{shape[1]}-q{quality}"
     if done.exists():
         return directory

@@ -1,6 +1,6 @@
 """GPU benchmark and CUDA correctness check of simclrv2, in one call with a hard time budget.
 
-    python benchmarks/gpu.py [--budget 270] [--dry-run]
+    python benchmarks/gpu.py [--budget 300] [--dry-run]
 
 Sections (each guarded: an error or the clock skips it, the rest still runs):
 
@@ -17,7 +17,10 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
    files), stopped after 2 steps and resumed to 4, against an uninterrupted 4-step run: the
    resume must work on CUDA (random states restored from CPU tensors) and end at the same
    weights (exactly on the CPU; within cuDNN's run-to-run differences on the GPU).
-5. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
+5. ``folder_224``: two 224 px views per image from a folder of ImageNet-sized JPEGs, as
+   folder pretraining makes them: DataLoader workers (the default count) decode and cut the
+   crops, the GPU does the rest; images/s the input can feed to section 2's model.
+6. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
 
 Out-of-memory lowers the batch (halving) and retries. A compact JSON summary is printed last
 and written to ``$OUT/gpu.json`` when ``OUT`` is set. ``--dry-run`` runs everything on the CPU
@@ -304,6 +307,35 @@ def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+def folder_pipeline(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """Views from JPEG files at the rate the workers sustain (section 5): one wave of batches
+    (one per worker) warms up, two more are timed."""
+    import tempfile
+
+    from simclrv2.data import batches as B
+    from simclrv2.data.datasets import ImageFolderDataset
+    from simclrv2.data.loader import default_num_workers
+
+    images, size = (384, 64) if dry_run else (1536, 224)
+    workers = default_num_workers()
+    batch = max(1, min(64, images // (3 * workers)))
+    root = common.write_synthetic_jpeg_folder(Path(tempfile.gettempdir()), images)
+    source, make_views = B.pretrain_views("batched", ImageFolderDataset(root, size), batch, 0, 0, 1, device, size,
+                                          1.0, True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    timer = common.StepTimer()
+    for i, batch_data in enumerate(timer.wrap(source)):
+        views = make_views(batch_data, generator)
+        sync(device)
+        timer.end_step()
+        if i + 1 == 3 * workers:
+            break
+    result = timer.summary(workers, batch)
+    return {"images_per_s": result["images_per_s"], "views_per_s": 2 * result["images_per_s"],
+            "data_wait_fraction": result["data_wait_fraction"], "workers": workers, "batch": batch,
+            "cpus": len(os.sched_getaffinity(0)), "view_shape": list(views[0].shape)}
+
+
 def resume_check(device: torch.device) -> dict[str, Any]:
     """A pretraining run stopped and resumed ends where an uninterrupted one does (section 5)."""
     import tempfile
@@ -332,7 +364,7 @@ def resume_check(device: torch.device) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=270.0, help="Seconds for everything (sections are skipped "
+    parser.add_argument("--budget", type=float, default=300.0, help="Seconds for everything (sections are skipped "
                         "or cut short to stay inside it).")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script, not the GPU.")
     parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile section.")
@@ -394,6 +426,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return result
     section("resnet18_cifar", 25, cifar, cap_s=90)
     section("resume", 20, lambda: resume_check(device), cap_s=60)
+    section("folder_224", 30, lambda: folder_pipeline(device, dry), cap_s=90)
     if not args.no_compile and (not dry or args.compile_in_dry_run):
         def compiled() -> dict[str, Any]:
             spec = dict(r50, warmup=3, steps=10) if not dry else r50

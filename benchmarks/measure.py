@@ -115,8 +115,7 @@ def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _folder(spec: dict[str, Any]) -> str:
-    return str(common.write_synthetic_jpeg_folder(Path(tempfile.gettempdir()) / "simclrv2-bench-jpegs",
-                                                  spec["num_images"]))
+    return str(common.write_synthetic_jpeg_folder(Path(tempfile.gettempdir()), spec["num_images"]))
 
 
 def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:

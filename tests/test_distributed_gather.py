@@ -114,8 +114,8 @@ def test_ddp_parameter_gradient_matches_single_process(two_rank_run):
     layer.load_state_dict(data["layer"])
     loss, _, _ = nt_xent(layer(data["x"]), TEMPERATURE)
     loss.backward()
-    for o in outs:
-        torch.testing.assert_close(o["ddp_weight_grad"], layer.weight.grad, rtol=1e-5, atol=1e-7)
+    for o in outs:  # two half-batch sums averaged vs one full sum: float32 rounding of ~1e-7 absolute
+        torch.testing.assert_close(o["ddp_weight_grad"], layer.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_moco_loss_matches_single_process(two_rank_run):
