@@ -256,6 +256,15 @@ class StepTimer:
     def end_step(self) -> None:
         self.step_ends.append(time.perf_counter())
 
+    def run(self, batches, steps: int, step=None) -> None:
+        """Time ``steps`` steps of ``step(batch)`` (nothing: a pure data loader) over ``batches``."""
+        for i, batch in enumerate(self.wrap(batches)):
+            if step is not None:
+                step(batch)
+            self.end_step()
+            if i + 1 == steps:
+                break
+
     def mark(self, name: str, seconds: float) -> None:
         self.phases.setdefault(name, []).append((len(self.received) - 1, seconds))
 

@@ -324,16 +324,11 @@ def folder_pipeline(device: torch.device, dry_run: bool) -> dict[str, Any]:
                                           1.0, True)
     generator = torch.Generator(device=device).manual_seed(0)
     timer = common.StepTimer()
-    for i, batch_data in enumerate(timer.wrap(source)):
-        views = make_views(batch_data, generator)
-        sync(device)
-        timer.end_step()
-        if i + 1 == 3 * workers:
-            break
+    timer.run(source, 3 * workers, lambda batch_data: (make_views(batch_data, generator), sync(device)))
     result = timer.summary(workers, batch)
     return {"images_per_s": result["images_per_s"], "views_per_s": 2 * result["images_per_s"],
             "data_wait_fraction": result["data_wait_fraction"], "workers": workers, "batch": batch,
-            "cpus": len(os.sched_getaffinity(0)), "view_shape": list(views[0].shape)}
+            "cpus": len(os.sched_getaffinity(0))}
 
 
 def resume_check(device: torch.device) -> dict[str, Any]:

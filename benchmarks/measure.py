@@ -102,15 +102,21 @@ def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
     with _memory_sampler(spec) as mem:
         images = reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], size))
         loader = reference.make_loader(images, size, batch, workers, spec["strength"])
-        timer = common.StepTimer()
-        for i, _ in enumerate(timer.wrap(loader)):
-            timer.end_step()
-            if i + 1 == spec["warmup"] + spec["batches"]:
-                break
-        result = timer.summary(spec["warmup"], batch)
+        timing = _time_loader(loader, spec)
     del loader  # after the sampler's last sample, which must still see the workers
-    return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
-            "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
+    return _reference_result(timing, spec, mem)
+
+
+def _time_loader(loader, spec: dict[str, Any]) -> dict[str, Any]:
+    """Timing of a reference DataLoader alone (its workers make the views)."""
+    timer = common.StepTimer()
+    timer.run(loader, spec["warmup"] + spec["batches"])
+    return timer.summary(spec["warmup"], spec["batch_size"])
+
+
+def _reference_result(timing: dict[str, Any], spec: dict[str, Any], mem: common.MemorySampler) -> dict[str, Any]:
+    return {"images_per_s": timing["images_per_s"], "s_per_batch": timing["s_per_step"],
+            "batch_size": spec["batch_size"], "timed_batches": timing["timed_steps"], "workers": spec["workers"],
             "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
 
 
@@ -132,37 +138,30 @@ def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
         source, make_views = B.pretrain_views("batched", dataset, batch, 0, 0, 1, device, size, spec["strength"],
                                               True, spec.get("workers"))
         generator = torch.Generator(device=device).manual_seed(0)
-        timer = common.StepTimer()
-        for i, images in enumerate(timer.wrap(source)):
-            views = make_views(images, generator)
+        shapes = []
+
+        def step(images) -> None:
+            shapes.append(list(make_views(images, generator)[0].shape))
             _sync(device)
-            timer.end_step()
-            if i + 1 == spec["warmup"] + spec["batches"]:
-                break
+        timer = common.StepTimer()
+        timer.run(source, spec["warmup"] + spec["batches"], step)
         result = timer.summary(spec["warmup"], batch)
         workers = source.dataloader.num_workers
     del source
     return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
             "data_wait_fraction": result["data_wait_fraction"], "batch_size": batch,
             "timed_batches": result["timed_steps"], "workers": workers, "threads": torch.get_num_threads(),
-            "view_shape": list(views[0].shape), "device": str(device), **_memory(device, mem)}
+            "view_shape": shapes[-1], "device": str(device), **_memory(device, mem)}
 
 
 def folder_reference(spec: dict[str, Any]) -> dict[str, Any]:
-    size, batch, workers = spec["size"], spec["batch_size"], spec["workers"]
     root = _folder(spec)
     with _memory_sampler(spec) as mem:
-        loader = reference.make_folder_loader(root, size, batch, workers, spec["strength"])
-        timer = common.StepTimer()
-        for i, _ in enumerate(timer.wrap(loader)):
-            timer.end_step()
-            if i + 1 == spec["warmup"] + spec["batches"]:
-                break
-        result = timer.summary(spec["warmup"], batch)
+        loader = reference.make_folder_loader(root, spec["size"], spec["batch_size"], spec["workers"],
+                                              spec["strength"])
+        timing = _time_loader(loader, spec)
     del loader
-    return {"images_per_s": result["images_per_s"], "s_per_batch": result["s_per_step"],
-            "batch_size": batch, "timed_batches": result["timed_steps"], "workers": workers,
-            "threads": torch.get_num_threads(), "device": "cpu", **_memory(torch.device("cpu"), mem)}
+    return _reference_result(timing, spec, mem)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,3 +149,13 @@ def test_folder_specs_time_whole_worker_waves_and_carry_no_target(monkeypatch):
         assert (spec["warmup"] + spec["batches"] + 1) * spec["batch_size"] <= spec["num_images"]  # no epoch end
     out = run._summarise("folder_224", [_result(240.0)], [[_result(80.0, workers=3, threads=2)]])
     assert out["ratio"] == pytest.approx(3.0) and out["target_met"] is None and out["target_ratio"] is None
+
+
+def test_step_timer_run_steps_each_batch_and_stops_after_the_count():
+    seen = []
+    timer = common.StepTimer()
+    timer.run(iter(range(10)), steps=4, step=seen.append)
+    assert seen == [0, 1, 2, 3] and len(timer.step_ends) == len(timer.received) == 4
+    loader_only = common.StepTimer()
+    loader_only.run(["a", "b"], steps=5)  # a short loader ends the run early
+    assert len(loader_only.step_ends) == 2
