@@ -707,7 +707,8 @@ class PILViewsDataset(torch.utils.data.Dataset):
 
 __all__: Sequence[str] = (
     "AugmentParams", "SimCLRAugment", "EvalTransform", "crop_resize", "finetune_augment",
-    "torchvision_simclr_transform", "PILViewsDataset", "sample_crop_boxes", "center_crop_box", "interpolation_matrix", "resize_boxes",
-    "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "to_grayscale",
-    "color_jitter", "gaussian_blur", "gaussian_taps", "blur_kernel_radius", "CROP_PROPORTION",
+    "torchvision_simclr_transform", "PILViewsDataset", "sample_crop_boxes", "center_crop_box",
+    "interpolation_matrix", "resize_boxes", "adjust_brightness", "adjust_contrast", "adjust_saturation",
+    "adjust_hue", "to_grayscale", "color_jitter", "gaussian_blur", "gaussian_taps", "blur_kernel_radius",
+    "CROP_PROPORTION",
 )

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
-from .datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
+from .datasets import DataError, ImageFolderDataset, build_dataset
 from .loader import FileLoader, make_loader, shard_indices
 
 ViewMaker = Callable[[Any, torch.Generator], tuple[Tensor, Tensor]]

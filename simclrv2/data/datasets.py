@@ -317,14 +317,18 @@ def load_stl10(data_dir: Optional[PathLike] = None, split: str = "train") -> Ten
 class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/**/<image>`` decoded lazily to uint8 tensors.
 
-    ``mode``: ``"eval"`` = official eval preprocessing (aspect-preserving centre crop of
-    ``crop_proportion``, by default 0.875 above 32 px and none at 32 px or less, then resize),
-    (3, S, S); ``"train"`` = ``crops`` independent
-    random crops of the whole image with the official crop rule (``crop_and_resize``), each
-    resized: (3, S, S) for one crop (fine-tuning, distillation), (crops, 3, S, S) otherwise
-    (pretraining: one crop per view; the batched augmentation then flips, jitters and blurs);
-    ``"decode"`` = the decoded image at its own size (for per-image PIL transforms, which crop
-    it themselves). Resizing is TensorFlow's un-antialiased half-pixel bicubic
+    ``mode``:
+
+    * ``"eval"``: the official eval preprocessing, (3, S, S): an aspect-preserving centre crop
+      of ``crop_proportion`` (default 0.875 above 32 px, none at 32 px or less), then resize;
+    * ``"train"``: ``crops`` independent random crops of the whole image with the official crop
+      rule (``crop_and_resize``), each resized: (3, S, S) for one crop (fine-tuning,
+      distillation), (crops, 3, S, S) otherwise (pretraining: one crop per view; the batched
+      augmentation then flips, jitters and blurs);
+    * ``"decode"``: the decoded image at its own size (for per-image PIL transforms, which crop
+      it themselves).
+
+    Resizing is TensorFlow's un-antialiased half-pixel bicubic
     (:func:`~simclrv2.data.augment.crop_resize`), rounded to uint8.
 
     ``dataset[i]`` is ``(image, label, skipped)``; ``skipped`` counts unreadable files that
