@@ -147,3 +147,25 @@ def test_stages_on_an_image_folder_above_32_px(tmp_path):
     assert main([str(a) for a in ["distill", *common, "--checkpoint", teacher, "--run-dir", tmp_path / "student",
                                   "--train-steps", "3", "--distill-alpha", "0.5"]]) == 0
     assert (tmp_path / "student" / "eval.json").exists()
+
+
+def test_folder_pretraining_resumes_exactly_with_worker_crops(tmp_path):
+    """Crops are cut in the workers under per-sample seeds, so a folder run stopped and resumed
+    (with a different worker count) ends at the same weights as an uninterrupted one."""
+    from simclrv2.engine.checkpoint import load_checkpoint
+
+    for c in range(2):
+        for i in range(8):
+            _save(_random_image(48, 60, seed=10 * c + i), tmp_path / "data" / "train" / f"k{c}" / f"{i}.png")
+    common = ["pretrain", "--dataset", "folder", "--data-dir", tmp_path / "data", "--image-size", "40", *MODEL,
+              "--progress", "false", "--precision", "fp32", "--num-threads", "1", "--train-batch-size", "4",
+              "--train-steps", "4", "--checkpoint-steps", "2", "--lineareval-while-pretraining", "false"]
+
+    def run(run_dir, workers, *extra):
+        assert main([str(a) for a in [*common, "--run-dir", run_dir, "--num-workers", workers, *extra]]) == 0
+        return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+    straight = run(tmp_path / "straight", 0)
+    run(tmp_path / "stopped", 2, "--max-steps", "2")
+    resumed = run(tmp_path / "stopped", 1)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
