@@ -90,7 +90,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     batches = B.train_batches(crops, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
                               cfg.data.num_workers)
     labelled_batches = None
-    if labelled is not None:
+    if labelled is not None:  # the same kind of dataset as `unlabeled`, so `augment` serves both streams
         labelled_batches = B.StepBatches(B.crop_flip_inputs(labelled, image_size)[0],
                                          min(local_batch, len(labelled) // rt.world_size), cfg.runtime.seed + 1,
                                          rt.rank, rt.world_size, rt.device, cfg.data.num_workers)
