@@ -606,10 +606,11 @@ def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "b
     return views.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
 
-def finetune_augment(image_size: int, interpolation: str = "bicubic") -> SimCLRAugment:
+def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool = True) -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
-    augmentation (``preprocess_for_train`` with ``color_distort=False``)."""
-    return SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False, color=False,
+    augmentation (``preprocess_for_train`` with ``color_distort=False``). ``crop=False`` for
+    batches whose crops were already cut (image-folder workers): flip only."""
+    return SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False, color=False, crop=crop,
                          interpolation=interpolation)
 
 

@@ -85,8 +85,7 @@ def crop_flip_inputs(dataset: Any, image_size: int) -> tuple[Any, SimCLRAugment]
     """(dataset to load, batch augmentation) for fine-tuning and distillation: random resized
     crop + flip (paper section 3). Image folders crop the full image in the workers."""
     if isinstance(dataset, ImageFolderDataset):
-        return dataset.with_mode("train"), SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False,
-                                                         crop=False, color=False)
+        return dataset.with_mode("train"), finetune_augment(image_size, crop=False)
     return dataset, finetune_augment(image_size)
 
 
