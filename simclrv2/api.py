@@ -2,7 +2,7 @@
 
 ``path`` may be a run folder (its newest valid checkpoint), a checkpoint ``.pt`` (including one
 written by ``simclrv2 convert-tf``), a ``.safetensors`` file from ``simclrv2 export``, or an
-official TF2 checkpoint / SavedModel (converted on the fly; needs ``pip install simclrv2[tf]``).
+official TF2 checkpoint / SavedModel (converted on the fly; needs the ``tf`` extra: ``pip install -e '.[tf]'``).
 The model is in eval mode; ``model.embed(images)`` gives pooled encoder features and
 ``model.predict(images)`` class probabilities, for float RGB images in [0, 1] of shape
 (N, 3, H, W) with no mean/std normalisation, as the official model takes them.
@@ -41,5 +41,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", ft_proj_selector:
     else:
         from simclrv2.stages.common import load_model
 
-        model, _ = load_model(str(path))
+        model, ckpt = load_model(str(path))
+        model.image_size = ckpt.get("image_size")
     return model.to(device).eval()

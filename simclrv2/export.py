@@ -125,8 +125,10 @@ def save_safetensors(model: SimCLRv2Model, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(model_config_of(model)),
-                                          "format": "simclrv2"})
+    metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config_of(model)), "format": "simclrv2"}
+    if model.image_size is not None:
+        metadata["image_size"] = str(model.image_size)
+    save_file(state, str(path), metadata=metadata)
 
 
 def load_safetensors(path: str | Path) -> SimCLRv2Model:
@@ -144,6 +146,7 @@ def load_safetensors(path: str | Path) -> SimCLRv2Model:
         model = build_simclrv2_model(**config)
     model.load_state_dict(load_file(str(path)), strict=True, assign=True)
     model.mode = mode
+    model.image_size = int(metadata["image_size"]) if "image_size" in metadata else None
     return model
 
 

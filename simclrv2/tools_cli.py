@@ -48,7 +48,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchvision: state dict for torchvision.models.resnet* (width 1x, no SK); "
                              "safetensors: the whole model; onnx: images -> features, projection, logits")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="ONNX input height and width; default 32 for the CIFAR stem, else 224")
+                        help="ONNX input height and width; default: the size the checkpoint was trained on, "
+                             "else 32 for the CIFAR stem and 224 otherwise")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -57,7 +58,8 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         model = load(args.checkpoint)
-        size = args.image_size or (32 if model.encoder.cifar_stem else 224)
+        size = next(s for s in (args.image_size, model.image_size, 32 if model.encoder.cifar_stem else 224)
+                    if s is not None)
         lines = export_model(model, args.out, args.fmt, image_size=size)
     except ExportError as err:
         return _fail("export", err)

@@ -8,7 +8,7 @@
   with plain ``tf.train.Checkpoint`` of nested ``tf.Module``s (the official code is not needed),
   convert back exactly; an extra, a missing variable or a TF1 checkpoint fail clearly.
 
-TensorFlow tests skip when TensorFlow is not installed (``pip install simclrv2[tf]``).
+TensorFlow tests skip when TensorFlow is not installed (``pip install -e '.[tf]'``).
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_missing_tensorflow_is_a_clear_error(tmp_path, monkeypatch):
 
     (tmp_path / "ckpt-1.index").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "tensorflow", None)
-    with pytest.raises(ConversionError, match=r"needs TensorFlow: pip install 'simclrv2\[tf\]'"):
+    with pytest.raises(ConversionError, match=r"needs TensorFlow: pip install tensorflow-cpu tf-keras"):
         convert_tf_checkpoint(tmp_path / "ckpt-1")
 
 

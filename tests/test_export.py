@@ -186,3 +186,21 @@ def test_export_command_on_a_run_folder(tmp_path, capsys):
     save_safetensors(build_simclrv2_model(depth=18, width_multiplier=0.125, sk_ratio=0.0625), sk_ckpt)
     assert cli.main(["export", str(sk_ckpt), str(tmp_path / "sk.pt"), "--format", "torchvision"]) == 2
     assert "have no torchvision counterpart" in capsys.readouterr().err
+
+
+def test_onnx_export_defaults_to_the_trained_image_size(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = _random_model(depth=18, width_multiplier=0.125, cifar_stem=True, num_classes=4)
+    config = {**model_config_of(model), "mode": "finetune"}
+    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), "model_config": config,
+                                       "image_size": 28}, step=1, keep=1)
+    assert simclrv2.load(tmp_path / "run").image_size == 28
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "m.onnx"), "--format", "onnx"]) == 0
+    assert "images (N, 3, 28, 28)" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "m.safetensors"), "--format", "safetensors"]) == 0
+    assert load_safetensors(tmp_path / "m.safetensors").image_size == 28  # carried in the metadata
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m2.onnx"), "--format", "onnx"]) == 0
+    assert "images (N, 3, 28, 28)" in capsys.readouterr().out
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "m3.onnx"), "--format", "onnx",
+                     "--image-size", "0"]) == 2
+    assert "--image-size must be positive, got 0" in capsys.readouterr().err

@@ -130,9 +130,18 @@ def test_linear_eval_and_evaluate(pretrained: Path, data_dir: Path, tmp_path: Pa
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["num_labelled"] == 96 and 0 <= result["top1"] <= 100
     capsys.readouterr()
-    _run("evaluate", "--checkpoint", pretrained, "--data-dir", data_dir, *FAST)
+    eval_dir = tmp_path / "evaluate"
+    _run("evaluate", "--checkpoint", pretrained, "--data-dir", data_dir, "--run-dir", eval_dir, *FAST)
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_examples"] == 40 and printed["top1"] <= printed["top5"]
+    assert json.loads((eval_dir / "eval.json").read_text()) == printed
+    assert json.loads((eval_dir / "config.json").read_text())["checkpoint"] == str(pretrained)
+
+
+def test_distill_from_a_pretraining_checkpoint_warns(pretrained: Path, data_dir: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="not fine-tuned"):
+        _run("distill", "--checkpoint", pretrained, "--data-dir", data_dir, "--run-dir", tmp_path / "distill",
+             *FAST, "--train-batch-size", "32", "--train-steps", "1")
 
 
 def test_pretrain_with_memory_queue(data_dir: Path, tmp_path: Path) -> None:

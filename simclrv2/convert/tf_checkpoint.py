@@ -10,7 +10,7 @@ So both are read the same way: walk the object graph from ``model``, skipping Ke
 bookkeeping edges (``variables``, ``keras_api``, ...), and key every variable by its structural
 path, the key ``simclrv2.models.official_keys`` uses. No TF model is built.
 
-TensorFlow is an optional dependency (``pip install simclrv2[tf]``), imported only here.
+TensorFlow is an optional dependency (the ``tf`` extra: ``pip install -e '.[tf]'``), imported only here.
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def import_tensorflow() -> Any:
     try:
         import tensorflow as tf
     except ImportError as err:
-        raise ConversionError("reading TensorFlow checkpoints needs TensorFlow: pip install 'simclrv2[tf]' "
-                              "(tensorflow-cpu and tf-keras)") from err
+        raise ConversionError("reading TensorFlow checkpoints needs TensorFlow: pip install tensorflow-cpu "
+                              "tf-keras (or pip install -e '.[tf]' in the simclrv2 folder)") from err
     return tf
 
 

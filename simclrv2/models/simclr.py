@@ -26,6 +26,9 @@ class SimCLRv2Model(nn.Module):
     * ``"finetune"``: ``(None, logits)``; only the encoder, the first ``ft_proj_selector`` head
       layers and the supervised head run. (The official code also runs the unused head layers,
       which only updates their BN moving statistics.)
+
+    ``image_size`` is the side length the model was trained on, where known (``simclrv2.load``
+    reads it from the checkpoint; ``simclrv2 export`` uses it as the ONNX input size).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class SimCLRv2Model(nn.Module):
         self.projection_head = projection_head
         self.supervised_head = supervised_head
         self.mode = mode
+        self.image_size: Optional[int] = None
 
     @property
     def mode(self) -> str:

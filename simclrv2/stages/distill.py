@@ -8,6 +8,7 @@ labelled images adds ``(1 - alpha)`` of the usual cross-entropy (paper equation 
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +64,10 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     teacher, teacher_ckpt = C.load_model(cfg.checkpoint)
     if teacher.supervised_head is None:
         raise ConfigError(f"--checkpoint {cfg.checkpoint} has no classifier; distill from a fine-tuned checkpoint")
+    if teacher.mode == "pretrain":
+        warnings.warn(f"--checkpoint {cfg.checkpoint} is not fine-tuned: its classifier is a linear head on "
+                      "frozen or stop-gradient features, not the fine-tuned teacher the paper distils; run "
+                      "simclrv2 finetune on it first")
     teacher.mode = "finetune"
     unlabeled = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data,
                               cfg.runtime.seed)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from simclrv2.config import ConfigError, EvaluateConfig
 import torch
+
+from simclrv2.config import ConfigError, EvaluateConfig, save_config
 
 from simclrv2.engine.runtime import setup_runtime
 from simclrv2.stages import common as C
@@ -13,7 +15,8 @@ from simclrv2.stages.finetune import evaluate_model
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate ``--checkpoint`` on ``--eval-split``; prints and returns the accuracies."""
+    """Evaluate ``--checkpoint`` on ``--eval-split``; prints and returns the accuracies, and with
+    ``--run-dir`` also writes them there as ``eval.json`` beside the resolved ``config.json``."""
     if cfg.checkpoint is None:
         raise ConfigError("--checkpoint is required: a .pt file or a run folder")
     rt = setup_runtime(cfg.runtime)
@@ -29,4 +32,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     result = {"checkpoint": str(C.resolve_checkpoint(cfg.checkpoint)), "split": cfg.data.eval_split, **result}
     if rt.is_main:
         print(json.dumps(result, indent=2))
+        if cfg.runtime.run_dir is not None:
+            run_dir = Path(cfg.runtime.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir)
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
