@@ -104,6 +104,34 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
     return path
 
 
+_UNREADABLE_FIX = "; delete it or pass another ckpt-*.pt"
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """``torch.load``'s error as one line, without PyTorch's advice to retry with
+    ``weights_only=False``: unsafe, and useless for a file that is merely truncated or corrupt."""
+    if isinstance(err, OSError):
+        return f"cannot read checkpoint {path} ({err.strerror or err}){_UNREADABLE_FIX}"
+    text = str(err)
+    blocked = _BLOCKED_GLOBAL.search(text)  # a well-formed pickle that names code: refused, not broken
+    if blocked:
+        return (f"cannot load checkpoint {path} safely: it holds {blocked.group(1)}, not only tensors and plain "
+                "values; load only checkpoints written by simclrv2")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head:
+        reason = "the file is empty"
+    elif head != b"PK\x03\x04":  # torch.save writes zip archives
+        reason = "not a PyTorch zip archive"
+    else:
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        line = detail.group(1) if detail else (text.strip().splitlines() or [type(err).__name__])[0]
+        reason = line.split(". ")[0].rstrip(".")
+    return (f"checkpoint {path} is unreadable (truncated, corrupt or not a simclrv2 checkpoint: {reason})"
+            f"{_UNREADABLE_FIX}")
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) and check its format version."""
     path = Path(path)
@@ -112,8 +140,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated, corrupt or unsafe files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint {path} safely: {first}") from err
+        raise CheckpointError(_load_failure(path, err)) from err
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a simclrv2 checkpoint (no 'model' entry)")
     version = obj.get("format_version")
@@ -122,13 +149,28 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     return obj
 
 
-def latest_valid_checkpoint(run_dir: Path, map_location: Any = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
-    """Newest loadable step checkpoint in ``run_dir``; corrupt newer ones are skipped with a warning."""
-    for path in reversed(step_checkpoints(Path(run_dir) / CHECKPOINT_DIR)):
+def latest_valid_checkpoint(run_dir: Path, map_location: Any = "cpu",
+                            fix: str = "delete them to start the run again, or use another --run-dir"
+                            ) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Newest loadable step checkpoint in ``run_dir``, or None where there is none at all.
+
+    Unreadable newer ones are skipped with a warning. If none can be read, CheckpointError (ending
+    with ``fix``): starting afresh would overwrite a run whose checkpoints may only need repair.
+    """
+    found = step_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
+    skipped: list[str] = []
+    for path in reversed(found):
         try:
-            return path, load_checkpoint(path, map_location)
+            ckpt = load_checkpoint(path, map_location)
         except CheckpointError as err:
-            warnings.warn(f"skipping unreadable checkpoint {path.name}: {err}; falling back to the previous one")
+            skipped.append(str(err).removesuffix(_UNREADABLE_FIX))
+            continue
+        for problem in skipped:
+            warnings.warn(f"{problem}; skipping it and falling back to {path.name}")
+        return path, ckpt
+    if found:
+        raise CheckpointError(f"no checkpoint in {found[0].parent} can be read ({len(found)} tried, the newest: "
+                              f"{skipped[0]}); {fix}")
     return None
 
 
@@ -136,7 +178,7 @@ def resolve_checkpoint(path_or_run_dir: str) -> Path:
     """A ``.pt`` file as given, or a run folder's newest valid checkpoint."""
     path = Path(path_or_run_dir)
     if path.is_dir():
-        found = latest_valid_checkpoint(path)
+        found = latest_valid_checkpoint(path, fix="pass --checkpoint another run folder or a .pt file")
         if found is None:
             raise CheckpointError(f"run folder {path} holds no valid checkpoint under {CHECKPOINT_DIR}/")
         return found[0]

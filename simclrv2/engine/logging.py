@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -36,14 +37,21 @@ def _summary_writer_class() -> type:
 class MetricsLogger:
     """Appends ``{"kind": "step"|"epoch"|..., "step": N, ...}`` records; no-op off the main rank."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 start_step: Optional[int] = None):
+        """``start_step``: the step a run starts or resumes from. What an earlier attempt logged after
+        it (before being killed and resumed from an older checkpoint) is dropped from both outputs,
+        so that the curves never double back."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._writer = None
+        if enabled and start_step is not None:
+            drop_records_after(run_dir, start_step)
         if enabled and tensorboard:
             try:
                 SummaryWriter = _summary_writer_class()
-                self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                purge = None if start_step is None else start_step + 1  # hides events at steps >= purge
+                self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except ImportError:
                 warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only")
 
@@ -64,6 +72,34 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _at_or_before(line: str, step: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is a record of ``step`` or earlier; a torn line is not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+
+def drop_records_after(run_dir: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with only the records of ``step`` and earlier (every kind:
+    each is logged at the step it follows, before that step's checkpoint), also dropping a torn last
+    line that the next append would otherwise run into."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    text = path.read_text()
+    kept = "".join(line + "\n" for line in text.splitlines() if _at_or_before(line, step))
+    if kept == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict[str, Any]]:

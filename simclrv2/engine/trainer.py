@@ -18,7 +18,8 @@ from torch import nn
 
 from simclrv2 import distributed as dist
 from simclrv2.config import RuntimeConfig, save_config
-from simclrv2.engine.checkpoint import CheckpointError, capture_rng, latest_valid_checkpoint, restore_rng, save_checkpoint
+from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, capture_rng, latest_valid_checkpoint,
+                                        restore_rng, save_checkpoint, step_checkpoints)
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 
@@ -140,6 +141,41 @@ def _checkpoint_state(task: TrainTask, step: int, epoch: int, batch_in_epoch: in
     }
 
 
+def _other_setup(path: Path, what: str, detail: str) -> CheckpointError:
+    """The refusal: saved states fit only the model and optimiser that wrote them."""
+    return CheckpointError(f"{path} was written with a different {what} ({detail}); resume with the flags it was "
+                           "written with, or use another --run-dir")
+
+
+def _optimizer_flag(meta: dict[str, Any]) -> Optional[str]:
+    """``--optimizer`` as the stage recorded it in its config (None for tasks without a config)."""
+    return ((meta.get("config") or {}).get("optim") or {}).get("optimizer")
+
+
+def _check_same_setup(path: Path, ckpt: dict[str, Any], task: TrainTask) -> None:
+    """Refuse a resume whose model or optimiser differs from the checkpoint's: PyTorch reports the
+    mismatch as a 100-line traceback, or, between optimisers with alike parameter groups, not at all."""
+    saved, now = ckpt.get("model_config") or {}, task.checkpoint_meta.get("model_config") or {}
+    changed = [f"{key} {value}, this run {now[key]}" for key, value in saved.items()
+               if key in now and now[key] != value]
+    if changed:
+        raise _other_setup(path, "model", ", ".join(changed))
+    saved, now = _optimizer_flag(ckpt), _optimizer_flag(task.checkpoint_meta)
+    if saved and now and saved != now:
+        raise _other_setup(path, "optimiser", f"--optimizer {saved}, this run {now}")
+
+
+def _load_state(path: Path, what: str, obj: Stateful, state: dict[str, Any]) -> None:
+    """``obj.load_state_dict(state)``, a mismatch reported in one line (settings that no recorded
+    option names, e.g. the trainable layers or the queue size)."""
+    try:
+        obj.load_state_dict(state)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError):
+        raise _other_setup(path, what, "its saved state does not fit this run's") from None
+
+
 def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
             scaler: Optional[torch.amp.GradScaler]) -> tuple[int, int, int, dict[str, Any], int]:
     """Restore the newest checkpoint: (step, epoch, batch in epoch, last metrics, skipped steps)."""
@@ -161,21 +197,30 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
     if missing:
         raise CheckpointError(f"{path} holds no {', '.join(missing)} state (written with other settings, e.g. "
                               "--use-memory); resume with the settings it was written with, or use another --run-dir")
-    unwrap(task.model).load_state_dict(ckpt["model"])
-    task.optimizer.load_state_dict(ckpt["optimizer"])
+    _check_same_setup(path, ckpt, task)
+    _load_state(path, "model", unwrap(task.model), ckpt["model"])
+    _load_state(path, "optimiser", task.optimizer, ckpt["optimizer"])
     ranks = ckpt.get("rank_randomness") or [{"rng": ckpt["rng"], "generators": {}}]  # format 1: rank 0's only
     own = ranks[rt.rank] if len(ranks) == rt.world_size else ranks[0]
     if len(ranks) != rt.world_size and rt.is_main:
         print(f"note: {path} holds the random state of {len(ranks)} process(es), this run has {rt.world_size}; every rank "
               "resumes rank 0's random state, so augmentations differ from an uninterrupted run")
     for name, obj in task.stateful.items():
-        obj.load_state_dict(own["generators"].get(name, ckpt["state"][name]))
+        _load_state(path, name, obj, own["generators"].get(name, ckpt["state"][name]))
     if scaler is not None and "grad_scaler" in ckpt["state"]:
         scaler.load_state_dict(ckpt["state"]["grad_scaler"])
     restore_rng(own["rng"])
     if rt.is_main:
         print(f"resuming {task.stage} from {path} (step {ckpt['step']})")
     return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["metrics"], ckpt.get("skipped_steps", 0)
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    """What a stopped run leaves to resume from: a checkpoint is promised only where one exists."""
+    kept = step_checkpoints(run_dir / CHECKPOINT_DIR)
+    if not kept:
+        return "no checkpoint was written yet, so a rerun starts from step 0"
+    return f"the last good checkpoint, {kept[-1].name}, is kept in {kept[-1].parent}"
 
 
 def _skipped_images(batches: BatchSource) -> dict[str, int]:
@@ -198,7 +243,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     step, epoch, batch_in_epoch, last, skipped = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0, {}, 0)
     if rt.is_main and "config" in task.checkpoint_meta:  # after the resume checks: a refused run changes nothing
         save_config(task.checkpoint_meta["config"], run_dir)
-    logger = MetricsLogger(run_dir, enabled=rt.is_main)
+    logger = MetricsLogger(run_dir, enabled=rt.is_main, start_step=step)
     stop_at = min(task.total_steps, cfg.max_steps) if cfg.max_steps else task.total_steps
     steps_per_epoch = len(task.batches)
     bar = _progress(stop_at, step, cfg.progress and rt.is_main, task.stage)
@@ -225,9 +270,8 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     if nonfinite:
                         if cfg.on_nonfinite != "skip":
                             raise NonFiniteLoss(
-                                f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
-                                f"kept in {run_dir / 'checkpoints'}. Lower --learning-rate, or use "
-                                "--on-nonfinite skip to skip such steps")
+                                f"non-finite loss ({loss.item()}) at step {step}; {_kept_checkpoint(run_dir)}. "
+                                "Lower --learning-rate, or use --on-nonfinite skip to skip such steps")
                         skipped += 1
                         task.optimizer.zero_grad(set_to_none=True)
                     else:
