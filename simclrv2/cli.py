@@ -7,7 +7,9 @@ line naming the option or file and the fix, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from simclrv2 import config as config_lib
@@ -25,7 +27,6 @@ _STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-
 def _bad_input_types() -> tuple[type, ...]:
     from simclrv2.data import DataError
     from simclrv2.engine.checkpoint import CheckpointError
@@ -37,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simclrv2", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    defaults = (f"Defaults shown are those of a run without --preset: the {config_lib.default_preset()!r} preset, "
+                f"which --preset auto picks for the default --dataset {config_lib.DataConfig().dataset}; "
+                "--preset NAME, or another --dataset, changes them. On/off options take true/false, yes/no or "
+                "1/0, and alone mean true.")
     for name, (_, help_text) in _STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        config_lib.add_config_arguments(p, config_lib.STAGE_CONFIGS[name])
+        p = sub.add_parser(name, help=help_text, description=f"{help_text} {defaults}")
+        config_lib.add_config_arguments(p, name)
     for name, (help_text, add_arguments, _) in TOOLS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
@@ -56,6 +61,17 @@ def _one_line(err: Exception) -> str:
     return " ".join(lines)
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Warnings printed like the command's errors: one line, without Python's source echo."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"simclrv2 {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,14 +80,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from simclrv2.engine.trainer import TrainingStopped
 
     try:
-        if args.command in TOOLS:
-            return TOOLS[args.command][2](args)
-        import importlib
+        with _one_line_warnings(args.command):
+            if args.command in TOOLS:
+                return TOOLS[args.command][2](args)
+            import importlib
 
-        cfg = config_lib.resolve(args.command, args)
-        importlib.import_module(_STAGES[args.command][0]).run(cfg)
-        distributed.barrier()  # no rank tears its process group down while another still uses it
-        return 0
+            cfg = config_lib.resolve(args.command, args)
+            importlib.import_module(_STAGES[args.command][0]).run(cfg)
+            distributed.barrier()  # no rank tears its process group down while another still uses it
+            return 0
     except bad_input as err:
         print(f"simclrv2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -102,11 +103,12 @@ class RuntimeConfig:
 
 @dataclass
 class LabelConfig:
-    """Which labelled examples fine-tuning and linear evaluation may use (paper section 3)."""
+    """Which labelled examples fine-tuning and linear evaluation may use (paper section 3); give
+    only one of the three options."""
 
-    label_fraction: Optional[float] = _opt(None, "Fraction of each class that is labelled (0.01 = 1 %).")
-    labels_per_class: Optional[int] = _opt(None, "Exact number of labelled images per class (overrides --label-fraction).")
-    label_file: Optional[str] = _opt(None, "File of image ids to use as labels (official ImageNet 1percent.txt format).")
+    label_fraction: Optional[float] = _opt(None, "Fraction of each class that is labelled, in (0, 1] (0.01 = 1 %, 1 = all labels).")
+    labels_per_class: Optional[int] = _opt(None, "Exact number of labelled images per class (instead of --label-fraction).")
+    label_file: Optional[str] = _opt(None, "File of image ids to use as labels, official ImageNet 1percent.txt format (instead of --label-fraction).")
 
 
 @dataclass
@@ -276,10 +278,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 DATASET_PRESET = {"embedded": "embedded", "fashion_mnist": "embedded", "cifar10": "cifar", "cifar100": "cifar"}
 
 
+def preset_name(preset: str, dataset: str) -> str:
+    """The preset ``--preset`` names (``auto``: the one of ``dataset``)."""
+    return DATASET_PRESET.get(dataset, "imagenet") if preset == "auto" else preset
+
+
 def preset_overrides(preset: str, stage: str, dataset: str) -> dict[str, Any]:
     """Overrides a preset makes to one stage's config (``auto`` picks the dataset's preset)."""
-    if preset == "auto":
-        preset = DATASET_PRESET.get(dataset, "imagenet")
+    preset = preset_name(preset, dataset)
     if preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {preset!r}; choose auto or one of {sorted(PRESETS)}")
     table = PRESETS[preset]
@@ -389,39 +395,69 @@ def load_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _walk_flags(cls: type, prefix: str = "", path: tuple[str, ...] = ()):
-    """Yield ``(flag, path, type, default, help)`` for every leaf option of a config class."""
-    defaults = cls()
+def _walk_flags(cfg: Any, prefix: str = "", path: tuple[str, ...] = ()):
+    """Yield ``(flag, path, type, value, help)`` for every leaf option of a config instance."""
+    cls = type(cfg)
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
         if prefix and (f.name in PIPELINE_DERIVED or (cls is FinetuneConfig and f.name == "model")):
             continue
         if _is_config(tp):
             sub_prefix = prefix if f.name in FLAT_SECTIONS else f"{prefix}{f.name.replace('_', '-')}."
-            for item in _walk_flags(tp, sub_prefix, path + (f.name,)):
-                yield item
+            yield from _walk_flags(getattr(cfg, f.name), sub_prefix, path + (f.name,))
         else:
             yield (f"--{prefix}{f.name.replace('_', '-')}", path + (f.name,), tp,
-                   getattr(defaults, f.name), f.metadata.get("help", ""))
+                   getattr(cfg, f.name), f.metadata.get("help", ""))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per config option; values stay ``None`` unless given."""
+def default_preset() -> str:
+    """The preset of a run without ``--preset``: the one ``auto`` picks for the default ``--dataset``."""
+    return preset_name("auto", DataConfig().dataset)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """Add one flag per option of ``stage``'s config; values stay ``None`` unless given.
+
+    The help shows the defaults of a run without ``--preset`` (those of :func:`default_preset`),
+    and marks the ones that preset changes. On/off flags alone mean true (``--skip-bad-images``).
+    """
+    preset, paper = default_preset(), STAGE_CONFIGS[stage]()
+    defaults = merge(STAGE_CONFIGS[stage](), preset_overrides(preset, stage, DataConfig().dataset))
     parser.add_argument("--config", default=None, help="JSON or YAML file of options, nested like the saved config.json.")
-    parser.add_argument("--preset", default="auto", help=f"Defaults scaled to the data: auto (from --dataset) or one of {sorted(PRESETS)}.")
+    parser.add_argument("--preset", default="auto", help="Defaults scaled to the data: auto (the preset of --dataset: "
+                        f"{', '.join(f'{d} -> {p}' for d, p in DATASET_PRESET.items())}, else imagenet) or one of "
+                        f"{', '.join(PRESETS)}. (default: auto)")
     seen: set[str] = set()
-    for flag, path, tp, default, help_text in _walk_flags(cls):
+    for flag, path, tp, default, help_text in _walk_flags(defaults):
         if flag in seen:
-            raise AssertionError(f"{cls.__name__}: two options share the flag {flag}")
+            raise AssertionError(f"{stage}: two options share the flag {flag}")
         seen.add(flag)
+        on_off = {"nargs": "?", "const": "true"} if _leaf_type(tp) is bool else {}
         parser.add_argument(flag, dest="cfg:" + ".".join(path), default=None, metavar=_metavar(tp),
-                            help=f"{help_text} (default: {default})")
+                            help=_help_text(help_text, default, functools.reduce(getattr, path, paper), preset),
+                            **on_off)
+
+
+def _help_text(doc: str, default: Any, paper_default: Any, preset: str) -> str:
+    """A field's doc with its default; ``%`` is escaped, as argparse %-formats help (no field
+    doc uses ``%(default)s``: defaults are written here)."""
+    doc = doc.replace("%", "%%")
+    if default != paper_default:
+        return f"{doc} (default: {default}, from the {preset} preset)"
+    if default is None and "default" in doc.lower():  # the doc says what None does
+        return doc
+    return f"{doc} (default: {default})"
+
+
+def _leaf_type(tp: Any) -> Any:
+    """``X`` for ``Optional[X]``, else ``tp``."""
+    if typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 def _metavar(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", list: "LIST"}.get(tp, "VALUE")
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", list: "LIST"}.get(_leaf_type(tp), "VALUE")
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -460,10 +496,35 @@ def explicit_options(cfg: Any) -> frozenset[str]:
     return getattr(cfg, "_explicit", frozenset())
 
 
+LABEL_OPTIONS = ("label_fraction", "labels_per_class", "label_file")
+
+
+def check_labels(labels: LabelConfig) -> None:
+    """Refuse conflicting or impossible label options (one line, naming the flags)."""
+    given = [f"--{name.replace('_', '-')} {getattr(labels, name)}" for name in LABEL_OPTIONS
+             if getattr(labels, name) not in (None, "")]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} conflict: give only one of --label-fraction, --labels-per-class "
+                          "or --label-file")
+    if labels.label_fraction is not None and not 0 < labels.label_fraction <= 1:
+        raise ConfigError(f"--label-fraction must be in (0, 1], got {labels.label_fraction:g}; 1 uses all labels")
+    if labels.labels_per_class is not None and labels.labels_per_class < 1:
+        raise ConfigError(f"--labels-per-class must be >= 1, got {labels.labels_per_class}")
+
+
 def _finish(cfg: Any, *user_values: dict[str, Any]) -> Any:
     for values in user_values:
         merge(cfg, values)
     cfg._explicit = frozenset().union(*(_dotted_keys(v) for v in user_values))
+    labels = getattr(cfg, "labels", None)
+    if isinstance(labels, LabelConfig):
+        # A label option the user sets replaces the stage's default one (fine-tuning's 1 %).
+        chosen = {name for name in LABEL_OPTIONS
+                  if f"labels.{name}" in cfg._explicit and getattr(labels, name) not in (None, "")}
+        if chosen:
+            for name in set(LABEL_OPTIONS) - chosen:
+                setattr(labels, name, None)
+        check_labels(labels)
     return cfg
 
 

@@ -42,6 +42,9 @@ DATASETS = ("embedded", "fashion_mnist", "cifar10", "cifar100", "stl10", "folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 FOLDER_MODES = ("eval", "train", "decode")
 DEFAULT_DATA_DIR = Path("data")
+_FOLDER_SPLITS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
+SPLITS = {"fashion_mnist": ("train", "test"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
+          "stl10": ("train", "test", "unlabeled", "train+unlabeled"), "folder": tuple(_FOLDER_SPLITS)}
 
 
 class DataError(ValueError):
@@ -50,6 +53,20 @@ class DataError(ValueError):
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
     """The dataset's files are not where they were looked for."""
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The splits :func:`build_dataset` accepts for dataset ``name`` (none for an unknown name)."""
+    key = name.lower().replace("-", "_")
+    return SPLITS.get("fashion_mnist" if key == "embedded" else key, ())
+
+
+def _where(directory: Path, data_dir: Optional[PathLike]) -> str:
+    """``directory`` for a not-found message, saying when it is only the default of --data-dir."""
+    if data_dir is not None:
+        return str(directory)
+    shown = directory if directory.is_absolute() else f"./{directory}"
+    return f"{shown} (the default --data-dir, as none was given)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +178,7 @@ def read_idx(path: PathLike, expected_magic: int) -> np.ndarray:
 
 def load_fashion_mnist(data_dir: Optional[PathLike] = None, split: str = "train") -> TensorImageDataset:
     """Fashion-MNIST from its official IDX files (``train-*``/``t10k-*``, gzipped or not)."""
-    if split not in ("train", "test"):
+    if split not in SPLITS["fashion_mnist"]:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     directory = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
     prefix = "train" if split == "train" else "t10k"
@@ -170,7 +187,7 @@ def load_fashion_mnist(data_dir: Optional[PathLike] = None, split: str = "train"
     if image_file is None or label_file is None:
         missing = f"{prefix}-images-idx3-ubyte[.gz]" if image_file is None else f"{prefix}-labels-idx1-ubyte[.gz]"
         raise DatasetNotFoundError(
-            f"Fashion-MNIST file {missing} not found in {directory}: install it with "
+            f"Fashion-MNIST file {missing} not found in {_where(directory, data_dir)}: install it with "
             "'apt-get install dataset-fashion-mnist' or put the four official IDX files in --data-dir")
     images = read_idx(image_file, 0x803)
     labels = read_idx(label_file, 0x801)
@@ -215,7 +232,7 @@ def load_cifar(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
     """
     if name not in _CIFAR:
         raise DataError(f"unknown CIFAR variant {name!r}; use one of {sorted(_CIFAR)}")
-    if split not in ("train", "test"):
+    if split not in SPLITS[name]:
         raise DataError(f"{name} split must be 'train' or 'test', got {split!r}")
     spec = _CIFAR[name]
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
@@ -224,7 +241,7 @@ def load_cifar(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise DatasetNotFoundError(
-            f"{name} {split} batch {missing[0]} not found in {directory}: download {spec['url']} and "
+            f"{name} {split} batch {missing[0]} not found in {_where(directory, data_dir)}: download {spec['url']} and "
             f"extract it so that {spec['folder']}/ is inside --data-dir")
     images, labels = [], []
     for f in files:
@@ -278,9 +295,8 @@ def _stl_images(path: Path, in_memory: bool) -> Tensor:
 def load_stl10(data_dir: Optional[PathLike] = None, split: str = "train") -> TensorImageDataset:
     """STL-10 from ``stl10_binary/``; splits train, test, unlabeled (memory-mapped, labels None)
     and train+unlabeled (loaded, labels -1 for the unlabeled part)."""
-    splits = ("train", "test", "unlabeled", "train+unlabeled")
-    if split not in splits:
-        raise DataError(f"stl10 split must be one of {splits}, got {split!r}")
+    if split not in SPLITS["stl10"]:
+        raise DataError(f"stl10 split must be one of {SPLITS['stl10']}, got {split!r}")
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     directory = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
     parts = ["train", "unlabeled"] if split == "train+unlabeled" else [split]
@@ -288,7 +304,7 @@ def load_stl10(data_dir: Optional[PathLike] = None, split: str = "train") -> Ten
     missing = [n for n in needed if not (directory / n).is_file()]
     if missing:
         raise DatasetNotFoundError(
-            f"STL-10 file {missing[0]} not found in {directory}: download "
+            f"STL-10 file {missing[0]} not found in {_where(directory, data_dir)}: download "
             "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and extract it so that "
             "stl10_binary/ is inside --data-dir")
     names_file = directory / "class_names.txt"
@@ -469,14 +485,13 @@ def _list_images(directory: Path, extensions: tuple[str, ...]) -> list[str]:
 
 
 def _folder_split_dir(data_dir: Path, split: str) -> Path:
-    aliases = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
-    if split not in aliases:
-        raise DataError(f"folder split must be one of {sorted(aliases)}, got {split!r}")
-    for name in aliases[split]:
+    if split not in _FOLDER_SPLITS:
+        raise DataError(f"folder split must be one of {sorted(_FOLDER_SPLITS)}, got {split!r}")
+    for name in _FOLDER_SPLITS[split]:
         if (data_dir / name).is_dir():
             return data_dir / name
-    raise DatasetNotFoundError(f"no {' or '.join(aliases[split])} sub-folder in {data_dir}; a folder dataset needs "
-                               f"{data_dir}/train/<class>/<images> and {data_dir}/val/<class>/<images>")
+    raise DatasetNotFoundError(f"no {' or '.join(_FOLDER_SPLITS[split])} sub-folder in {data_dir}; a folder dataset "
+                               f"needs {data_dir}/train/<class>/<images> and {data_dir}/val/<class>/<images>")
 
 
 # ----------------------------------------------------------------------------------------------

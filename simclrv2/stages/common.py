@@ -13,7 +13,8 @@ from torch import nn
 from simclrv2 import data as D
 from simclrv2.distributed import broadcast_object
 from simclrv2.data.batches import native_image_size
-from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig
+from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, check_labels
+from simclrv2.data.datasets import dataset_splits
 from simclrv2.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, resolve_checkpoint, step_checkpoints
 from simclrv2.engine.runtime import Runtime
 from simclrv2.models import SimCLRv2Model, build_simclrv2_model
@@ -133,7 +134,17 @@ def image_size_of(data: DataConfig, dataset: D.TensorImageDataset | Any) -> int:
     return native_image_size(dataset)
 
 
+def check_splits(data: DataConfig) -> None:
+    """Refuse an ``--eval-split`` or ``--pretrain-split`` the dataset lacks, before any training."""
+    valid = dataset_splits(data.dataset)
+    for flag, split in (("--eval-split", data.eval_split), ("--pretrain-split", data.pretrain_split)):
+        if valid and split not in valid:
+            raise ConfigError(f"{flag} {split!r} is not a split of --dataset {data.dataset}; choose one of: "
+                              f"{', '.join(valid)}")
+
+
 def load_split(data: DataConfig, split: str, image_size: Optional[int] = None):
+    check_splits(data)
     return D.build_dataset(data.dataset, data.data_dir, split, image_size=image_size,
                            skip_bad_images=data.skip_bad_images)
 
@@ -160,13 +171,14 @@ def labelled_indices(labels_cfg: LabelConfig, dataset, seed: int) -> torch.Tenso
     """Indices of the labelled examples: a file of ids, a per-class count or a class-balanced fraction."""
     if dataset.labels is None:
         raise ConfigError(f"dataset {dataset.name!r} has no labels for this split; choose a labelled split")
+    check_labels(labels_cfg)
     fraction = 1.0 if labels_cfg.label_fraction is None else labels_cfg.label_fraction
     try:
         if labels_cfg.label_file:
             return D.read_subset_file(labels_cfg.label_file, dataset.sample_ids)
         if labels_cfg.labels_per_class is not None:
             return D.label_subset(dataset.labels, per_class=labels_cfg.labels_per_class, seed=seed)
-        if fraction >= 1.0:
+        if fraction == 1.0:
             return torch.arange(len(dataset))
         return D.label_subset(dataset.labels, fraction=fraction, seed=seed)
     except (ValueError, FileNotFoundError) as err:  # impossible requests, unknown ids, missing file
