@@ -294,6 +294,7 @@ def test_resume_refuses_a_folder_written_with_other_settings(capsys, data_dir: P
     _expect_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
     _expect_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
                   "--train-batch-size")
+    _expect_error(capsys, [*first, "--train-steps", "4", "--subset", "32"], "steps per epoch", "--subset")
     _expect_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
     _expect_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
                   "is a pretrain checkpoint")

@@ -188,11 +188,16 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
     if ckpt.get("stage") != task.stage:
         raise CheckpointError(f"{path} is a {ckpt.get('stage')} checkpoint but this is a {task.stage} run; "
                               "use another --run-dir")
-    saved = (ckpt.get("images_per_step", task.images_per_step), ckpt.get("steps_per_epoch", len(task.batches)))
-    if saved != (task.images_per_step, len(task.batches)):
-        raise CheckpointError(f"{path} was written with a global batch of {saved[0]} ({saved[1]} steps per epoch) "
-                              f"but this run has {task.images_per_step} ({len(task.batches)}); resume with "
-                              "the same --train-batch-size and data, or use another --run-dir")
+    saved_batch = ckpt.get("images_per_step", task.images_per_step)
+    saved_steps = ckpt.get("steps_per_epoch", len(task.batches))
+    if saved_batch != task.images_per_step:
+        raise CheckpointError(f"{path} was written with a global batch of {saved_batch} but this run has "
+                              f"{task.images_per_step}; resume with the same --train-batch-size and number of "
+                              "processes, or use another --run-dir")
+    if saved_steps != len(task.batches):
+        raise CheckpointError(f"{path} was written with {saved_steps} steps per epoch but this run has "
+                              f"{len(task.batches)}: the training data differ; resume with the same data "
+                              "(--dataset, --data-dir, --subset, label options), or use another --run-dir")
     missing = sorted(set(task.stateful) - set(ckpt["state"]))
     if missing:
         raise CheckpointError(f"{path} holds no {', '.join(missing)} state (written with other settings, e.g. "
