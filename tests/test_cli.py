@@ -13,6 +13,7 @@ from simclrv2 import config
 from simclrv2.cli import build_parser, main
 from simclrv2.data import DatasetNotFoundError, TensorImageDataset, build_dataset
 from simclrv2.stages.common import check_splits, labelled_indices
+from cli_checks import expect_one_line_error
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -27,18 +28,6 @@ def _config_actions(command: str) -> list[argparse.Action]:
 
 def _resolve(*argv: str):
     return config.resolve(argv[0], build_parser().parse_args(argv))
-
-
-def _expect_error(capsys, args: list[str], *fragments: str) -> str:
-    """Exit code 2 with one line naming ``fragments``. Callers pass an empty --data-dir, so that an
-    error missed before the data is read fails fast instead of training on real data."""
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # --------------------------------------------------------------------------- --help
@@ -114,7 +103,7 @@ def test_bool_flags_take_values_and_keep_auto() -> None:
 
 
 def test_bad_bool_value(capsys, tmp_path: Path) -> None:
-    _expect_error(capsys, ["pretrain", "--skip-bad-images", "maybe", "--data-dir", tmp_path],
+    expect_one_line_error(capsys, ["pretrain", "--skip-bad-images", "maybe", "--data-dir", tmp_path],
                   "--skip-bad-images", "'maybe'")
 
 
@@ -123,7 +112,7 @@ def test_bad_bool_value(capsys, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fraction", ["2", "1.5", "0", "-0.1"])
 def test_label_fraction_outside_zero_one_is_refused(capsys, tmp_path: Path, fraction: str) -> None:
-    _expect_error(capsys, ["finetune", "--label-fraction", fraction, "--data-dir", tmp_path,
+    expect_one_line_error(capsys, ["finetune", "--label-fraction", fraction, "--data-dir", tmp_path,
                            "--run-dir", tmp_path / "r"], "--label-fraction must be in (0, 1]")
     assert not (tmp_path / "r").exists()
 
@@ -144,13 +133,13 @@ def test_label_fraction_one_uses_every_label() -> None:
 def test_conflicting_label_options_are_refused(capsys, tmp_path: Path, flags: list[str],
                                               named: tuple[str, ...]) -> None:
     for stage in ("finetune", "distill", "linear-eval"):
-        _expect_error(capsys, [stage, *flags, "--data-dir", tmp_path], *named, "give only one of")
+        expect_one_line_error(capsys, [stage, *flags, "--data-dir", tmp_path], *named, "give only one of")
 
 
 def test_conflict_between_config_file_and_flag(capsys, tmp_path: Path) -> None:
     file = tmp_path / "labels.json"
     file.write_text(json.dumps({"labels": {"label_fraction": 0.1}}))
-    _expect_error(capsys, ["finetune", "--config", file, "--labels-per-class", "4", "--data-dir", tmp_path],
+    expect_one_line_error(capsys, ["finetune", "--config", file, "--labels-per-class", "4", "--data-dir", tmp_path],
                   "give only one of")
 
 
@@ -167,7 +156,7 @@ def test_one_label_option_replaces_the_stage_default() -> None:
 
 
 def test_bad_split_names_the_flag_and_the_choices(capsys, tmp_path: Path) -> None:
-    _expect_error(capsys, ["finetune", "--eval-split", "bogus", "--data-dir", tmp_path, "--run-dir", tmp_path / "r"],
+    expect_one_line_error(capsys, ["finetune", "--eval-split", "bogus", "--data-dir", tmp_path, "--run-dir", tmp_path / "r"],
                   "--eval-split 'bogus'", "train, test")
     with pytest.raises(config.ConfigError, match="--pretrain-split 'unlabeled' .* cifar10; choose one of: train, test"):
         check_splits(config.DataConfig(dataset="cifar10", pretrain_split="unlabeled"))

@@ -20,6 +20,7 @@ from simclrv2.engine.checkpoint import (CheckpointError, latest_valid_checkpoint
 from simclrv2.engine.runtime import Runtime
 from simclrv2.engine.trainer import EXIT_INTERRUPTED, NonFiniteLoss, TrainTask, train
 from simclrv2.data.batches import TensorBatches
+from cli_checks import expect_one_line_error
 from tiny_data import write_tiny_fashion_mnist
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -177,15 +178,6 @@ def test_skipped_steps_and_last_metrics_survive_a_resume(tmp_path: Path) -> None
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2
 
-def _expect_error(capsys, args: list[str], *fragments: str) -> None:
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.mark.parametrize("flags, fragment", [
     (["--ft-proj-selector", "5"], "--ft-proj-selector"),
     (["--resnet-depth", "77"], "--resnet-depth"),
@@ -200,22 +192,22 @@ def _expect_error(capsys, args: list[str], *fragments: str) -> None:
     (["--train-batch-size", "128"], "lower --train-batch-size"),  # 64 training images
 ])
 def test_bad_settings_fail_before_training(capsys, data_dir: Path, tmp_path: Path, flags, fragment) -> None:
-    _expect_error(capsys, ["pretrain", "--data-dir", data_dir, "--run-dir", tmp_path / "r", *TINY, *flags], fragment)
+    expect_one_line_error(capsys, ["pretrain", "--data-dir", data_dir, "--run-dir", tmp_path / "r", *TINY, *flags], fragment)
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_missing_checkpoint_and_wrong_architecture(capsys, data_dir: Path, tmp_path: Path) -> None:
-    _expect_error(capsys, ["finetune", "--checkpoint", tmp_path / "nope.pt", "--data-dir", data_dir], "does not exist")
+    expect_one_line_error(capsys, ["finetune", "--checkpoint", tmp_path / "nope.pt", "--data-dir", data_dir], "does not exist")
     bogus = tmp_path / "bogus.pt"
     torch.save({"format_version": 1, "model": {"encoder.stem.conv1.weight": torch.zeros(1)},
                 "model_config": {"depth": 18, "width_multiplier": 0.125, "sk_ratio": 0.0, "cifar_stem": True,
                                  "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 1,
                                  "num_classes": None, "mode": "pretrain"}}, bogus)
-    _expect_error(capsys, ["finetune", "--checkpoint", bogus, "--data-dir", data_dir, *TINY], "does not fit")
+    expect_one_line_error(capsys, ["finetune", "--checkpoint", bogus, "--data-dir", data_dir, *TINY], "does not fit")
 
 
 def test_missing_data_folder(capsys, tmp_path: Path) -> None:
-    _expect_error(capsys, ["pretrain", "--data-dir", tmp_path / "empty", *TINY],
+    expect_one_line_error(capsys, ["pretrain", "--data-dir", tmp_path / "empty", *TINY],
                   "apt-get install dataset-fashion-mnist", "--data-dir")
 
 
@@ -225,18 +217,18 @@ def test_corrupt_data_file(capsys, data_dir: Path, tmp_path: Path) -> None:
     for f in data_dir.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
-    _expect_error(capsys, ["pretrain", "--data-dir", broken, *TINY], "train-images-idx3-ubyte.gz")
+    expect_one_line_error(capsys, ["pretrain", "--data-dir", broken, *TINY], "train-images-idx3-ubyte.gz")
 
 
 def test_label_file_with_unknown_ids(capsys, data_dir: Path, tmp_path: Path) -> None:
     ids = tmp_path / "1percent.txt"
     ids.write_text("0\n5\nn01440764_10026.JPEG\n")
     fake = tmp_path / "pre.pt"
-    _expect_error(capsys, ["linear-eval", "--checkpoint", fake, "--data-dir", data_dir, *RUN], "does not exist")
+    expect_one_line_error(capsys, ["linear-eval", "--checkpoint", fake, "--data-dir", data_dir, *RUN], "does not exist")
     run = tmp_path / "pre"
     assert main(["pretrain", "--data-dir", str(data_dir), "--run-dir", str(run), *TINY, "--train-steps", "1"]) == 0
     capsys.readouterr()
-    _expect_error(capsys, ["linear-eval", "--checkpoint", run, "--data-dir", data_dir, *RUN,
+    expect_one_line_error(capsys, ["linear-eval", "--checkpoint", run, "--data-dir", data_dir, *RUN,
                            "--label-file", ids], "n01440764_10026.JPEG")
 
 
@@ -260,7 +252,7 @@ def test_corrupt_image_inside_workers_and_skip(capsys, tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "imgs", corrupt=True, empty_class=False)
     common = ["pretrain", "--dataset", "folder", "--data-dir", root, "--image-size", "32", *TINY,
               "--train-batch-size", "4", "--train-steps", "4", "--num-workers", "1"]
-    _expect_error(capsys, [*common, "--run-dir", tmp_path / "a"], "3.png", "--skip-bad-images")
+    expect_one_line_error(capsys, [*common, "--run-dir", tmp_path / "a"], "3.png", "--skip-bad-images")
     assert main([*map(str, common), "--run-dir", str(tmp_path / "b"), "--skip-bad-images", "true"]) == 0
     from simclrv2.engine.logging import read_metrics
 
@@ -269,14 +261,14 @@ def test_corrupt_image_inside_workers_and_skip(capsys, tmp_path: Path) -> None:
 
 def test_empty_class_folder(capsys, tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "imgs", corrupt=False, empty_class=True)
-    _expect_error(capsys, ["pretrain", "--dataset", "folder", "--data-dir", root, *TINY], "class_empty")
+    expect_one_line_error(capsys, ["pretrain", "--dataset", "folder", "--data-dir", root, *TINY], "class_empty")
 
 
 def test_architecture_flag_that_contradicts_the_checkpoint(capsys, data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "pre"
     assert main(["pretrain", "--data-dir", str(data_dir), "--run-dir", str(run), *TINY, "--train-steps", "1"]) == 0
     capsys.readouterr()
-    _expect_error(capsys, ["finetune", "--checkpoint", run, "--data-dir", data_dir, *TINY, "--resnet-depth", "50"],
+    expect_one_line_error(capsys, ["finetune", "--checkpoint", run, "--data-dir", data_dir, *TINY, "--resnet-depth", "50"],
                   "--resnet-depth 50 differs from the checkpoint")
     assert not (tmp_path / "runs").exists()
 
@@ -291,12 +283,12 @@ def test_resume_refuses_a_folder_written_with_other_settings(capsys, data_dir: P
                 len(list((run / "tensorboard").glob("events.*"))))
 
     before = folder_state()
-    _expect_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
-    _expect_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
+    expect_one_line_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
+    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
                   "--train-batch-size")
-    _expect_error(capsys, [*first, "--train-steps", "4", "--subset", "32"], "steps per epoch", "--subset")
-    _expect_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
-    _expect_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
+    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--subset", "32"], "steps per epoch", "--subset")
+    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
+    expect_one_line_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
                   "is a pretrain checkpoint")
     assert folder_state() == before  # a refused run leaves the folder as it was
 
@@ -307,4 +299,4 @@ def test_bad_config_files(capsys, data_dir: Path, tmp_path: Path) -> None:
     for name, text in files.items():
         path = tmp_path / name
         path.write_bytes(text.encode("latin-1"))
-        _expect_error(capsys, ["pretrain", "--config", path, "--data-dir", data_dir, *TINY], expected[name])
+        expect_one_line_error(capsys, ["pretrain", "--config", path, "--data-dir", data_dir, *TINY], expected[name])

@@ -20,6 +20,7 @@ from simclrv2.engine.checkpoint import (CheckpointError, latest_valid_checkpoint
 from simclrv2.engine.logging import read_metrics
 from simclrv2.engine.runtime import Runtime
 from simclrv2.engine.trainer import NonFiniteLoss, TrainTask, train
+from cli_checks import expect_one_line_error
 from tiny_data import write_tiny_fashion_mnist
 
 CPU = Runtime(torch.device("cpu"), None, False, 0, 1)
@@ -45,16 +46,6 @@ def pretrained(data_dir: Path, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _one_line_error(capsys, args: list[str], *fragments: str) -> str:
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def _folder_state(run_dir: Path) -> tuple:
     return (sorted(p.name for p in (run_dir / "checkpoints").iterdir()), (run_dir / "config.json").read_text(),
             (run_dir / "metrics.jsonl").read_text())
@@ -72,7 +63,7 @@ def _folder_state(run_dir: Path) -> tuple:
 def test_resume_with_another_model_or_optimiser_is_refused_in_one_line(capsys, data_dir: Path, pretrained: Path,
                                                                         flags, what, detail) -> None:
     before = _folder_state(pretrained)
-    _one_line_error(capsys, _pretrain(data_dir, pretrained, *flags), str(pretrained),
+    expect_one_line_error(capsys, _pretrain(data_dir, pretrained, *flags), str(pretrained),
                     f"was written with a different {what} ({detail})", "another --run-dir")
     assert _folder_state(pretrained) == before
 
@@ -178,7 +169,7 @@ def test_only_unreadable_checkpoints_stop_the_cli_in_one_line(capsys, data_dir: 
     for path in step_checkpoints(run / "checkpoints"):
         _spoil(path, "empty")
     before = _folder_state(run)
-    _one_line_error(capsys, _pretrain(data_dir, run), f"no checkpoint in {run / 'checkpoints'} can be read",
+    expect_one_line_error(capsys, _pretrain(data_dir, run), f"no checkpoint in {run / 'checkpoints'} can be read",
                     "the file is empty", "delete them")
     assert _folder_state(run) == before
 
