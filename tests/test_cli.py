@@ -182,3 +182,9 @@ def test_warnings_are_one_line_while_a_command_runs() -> None:
         text = warnings.formatwarning("the teacher is not fine-tuned", UserWarning, "stages/distill.py", 68)
     assert text == "simclrv2 distill: warning: the teacher is not fine-tuned\n"
     assert warnings.formatwarning is original
+
+
+def test_evaluate_refuses_training_only_options(capsys, tmp_path: Path) -> None:
+    expect_one_line_error(capsys, ["evaluate", "--checkpoint", tmp_path, "--data-dir", tmp_path, "--max-steps", "3",
+                                   "--checkpoint-steps", "5"],
+                          "--checkpoint-steps, --max-steps: evaluate does not train", "drop them")

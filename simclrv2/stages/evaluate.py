@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
-from simclrv2.config import ConfigError, EvaluateConfig, save_config
-
+from simclrv2.config import ConfigError, EvaluateConfig, explicit_options, save_config
 from simclrv2.engine.runtime import setup_runtime
 from simclrv2.stages import common as C
 from simclrv2.stages.finetune import evaluate_model
+
+# Runtime options that only a training stage reads.
+TRAINING_ONLY = frozenset(f"runtime.{name}" for name in (
+    "max_steps", "resume", "checkpoint_steps", "keep_checkpoint_max", "log_every_steps", "on_nonfinite", "compile"))
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -19,6 +22,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     ``--run-dir`` also writes them there as ``eval.json`` beside the resolved ``config.json``."""
     if cfg.checkpoint is None:
         raise ConfigError("--checkpoint is required: a .pt file or a run folder")
+    training_only = sorted(f"--{name.split('.')[-1].replace('_', '-')}" for name in explicit_options(cfg)
+                           if name in TRAINING_ONLY)
+    if training_only:
+        raise ConfigError(f"{', '.join(training_only)}: evaluate does not train, so these do nothing; drop them")
     rt = setup_runtime(cfg.runtime)
     model, ckpt = C.load_model(cfg.checkpoint)
     if model.supervised_head is None:
