@@ -184,7 +184,7 @@ def test_warnings_are_one_line_while_a_command_runs() -> None:
     assert warnings.formatwarning is original
 
 
-def test_evaluate_refuses_training_only_options(capsys, tmp_path: Path) -> None:
-    expect_one_line_error(capsys, ["evaluate", "--checkpoint", tmp_path, "--data-dir", tmp_path, "--max-steps", "3",
-                                   "--checkpoint-steps", "5"],
-                          "--checkpoint-steps, --max-steps: evaluate does not train", "drop them")
+def test_evaluate_warns_that_training_only_options_do_nothing(capsys, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="evaluate does not train, so it ignores --checkpoint-steps, --max-steps"):
+        expect_one_line_error(capsys, ["evaluate", "--checkpoint", tmp_path / "missing.pt", "--data-dir", tmp_path,
+                                       "--max-steps", "3", "--checkpoint-steps", "5"], "missing.pt does not exist")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise ConfigError("--checkpoint is required: a .pt file or a run folder")
     training_only = sorted(f"--{name.split('.')[-1].replace('_', '-')}" for name in explicit_options(cfg)
                            if name in TRAINING_ONLY)
-    if training_only:
-        raise ConfigError(f"{', '.join(training_only)}: evaluate does not train, so these do nothing; drop them")
+    if training_only:  # a warning, not an error: scripts pass one set of common flags to every command
+        warnings.warn(f"evaluate does not train, so it ignores {', '.join(training_only)}")
     rt = setup_runtime(cfg.runtime)
     model, ckpt = C.load_model(cfg.checkpoint)
     if model.supervised_head is None:
