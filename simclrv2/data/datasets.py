@@ -55,10 +55,15 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
     """The dataset's files are not where they were looked for."""
 
 
+def _dataset_key(name: str) -> str:
+    """``name`` as the loaders know it: lower case, ``_`` for ``-``, ``embedded`` = ``fashion_mnist``."""
+    key = name.lower().replace("-", "_")
+    return "fashion_mnist" if key == "embedded" else key
+
+
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The splits :func:`build_dataset` accepts for dataset ``name`` (none for an unknown name)."""
-    key = name.lower().replace("-", "_")
-    return SPLITS.get("fashion_mnist" if key == "embedded" else key, ())
+    return SPLITS.get(_dataset_key(name), ())
 
 
 def _where(directory: Path, data_dir: Optional[PathLike]) -> str:
@@ -511,8 +516,8 @@ def build_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "
     defaults to ``train`` (one random crop per sample) for the train split and ``eval``
     otherwise; :mod:`simclrv2.data.batches` switches modes per use.
     """
-    key = name.lower().replace("-", "_")
-    if key in ("embedded", "fashion_mnist"):
+    key = _dataset_key(name)
+    if key == "fashion_mnist":
         return load_fashion_mnist(data_dir, split)
     if key in _CIFAR:
         return load_cifar(key, data_dir, split)

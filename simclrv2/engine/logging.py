@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import types
 import warnings
 from pathlib import Path
 from typing import Any, Optional
+
+from simclrv2.engine.checkpoint import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -94,12 +95,7 @@ def drop_records_after(run_dir: Path, step: int) -> None:
     kept = "".join(line + "\n" for line in text.splitlines() if _at_or_before(line, step))
     if kept == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(kept.encode()))
 
 
 def read_metrics(run_dir: Path, kind: Optional[str] = None) -> list[dict[str, Any]]:
