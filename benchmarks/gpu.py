@@ -10,7 +10,8 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
    ``GradScaler`` step is finite and updates the weights.
 2. ``resnet50_224``: ResNet-50 at 224 px, two views of every image made on the GPU by
    ``SimCLRAugment`` from uint8 images already on the GPU (256 px), bf16 autocast,
-   channels-last, NT-Xent, LARS: source images/s and views/s; also the augmentation alone.
+   channels-last, NT-Xent, LARS: source images/s and views/s; also the step's phases alone
+   (augmentation, forward + backward, optimiser).
 3. ``resnet18_cifar``: ResNet-18 with the CIFAR stem at 32 px, batch 512 (1024 views): seconds
    per 50 000-image epoch, extrapolated from timed steps.
 4. ``resume``: ``simclrv2 pretrain`` itself on the device (tiny model, synthetic Fashion-MNIST
@@ -120,15 +121,18 @@ class Trainer:
         x = torch.cat([self.augment(images, self.generator), self.augment(images, self.generator)])
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def step(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.views(images)
+    def forward_backward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             projection, _ = self.net(x)
             loss = nt_xent(projection, self.temperature)[0]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
         return loss.detach()
+
+    def step(self, images: torch.Tensor) -> torch.Tensor:
+        loss = self.forward_backward(self.views(images))
+        self.optimizer.step()
+        return loss
 
 
 def with_oom_retry(fn: Callable[[int], dict], batch: int, minimum: int, simulate_oom: bool = False) -> dict:
@@ -176,15 +180,24 @@ def throughput(depth: int, width: float, cifar_stem: bool, image_size: int, sour
     sync(device)
     step_s = (time.perf_counter() - t0) / steps
     images = batch_images()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.views(images)
-    sync(device)
-    aug_s = (time.perf_counter() - t0) / steps
+    views = trainer.views(images)
+
+    def seconds_each(fn: Callable[[], Any]) -> float:
+        """Mean seconds of ``fn`` run alone ``steps`` times (the step's phases, one at a time)."""
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / steps
+    aug_s = seconds_each(lambda: trainer.views(images))
+    model_s = seconds_each(lambda: trainer.forward_backward(views))
+    optimizer_s = seconds_each(trainer.optimizer.step)
     out = {"batch": batch, "views_per_step": 2 * batch, "image_size": image_size, "source_size": source_size,
            "s_per_step": step_s, "images_per_s": batch / step_s, "views_per_s": 2 * batch / step_s,
            "augment_s_per_step": aug_s, "augment_fraction": aug_s / step_s,
-           "augment_images_per_s": batch / aug_s, "warmup_s": warm_s, "timed_steps": steps,
+           "augment_images_per_s": batch / aug_s, "forward_backward_s_per_step": model_s,
+           "optimizer_s_per_step": optimizer_s, "warmup_s": warm_s, "timed_steps": steps,
            "final_loss": float(loss), "loss_finite": bool(torch.isfinite(loss))}
     if device.type == "cuda":
         out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -218,7 +231,7 @@ def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
     grads = []
     losses = []
     for dev in (cpu, device):
-        x = h.to(dev).requires_grad_(True)
+        x = h.to(dev, copy=True).requires_grad_(True)  # a fresh leaf per device
         loss = nt_xent(x, 0.1)[0]
         loss.backward()
         losses.append(loss.detach().cpu())

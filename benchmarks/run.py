@@ -144,12 +144,21 @@ def _specs(key: str, plan: dict[str, Any], device: str) -> tuple[dict[str, Any],
     if key.startswith("folder"):
         p = plan["folder"]
 
-        def folder_spec(kind: str, loader_workers: int, **extra: Any) -> dict[str, Any]:
-            wave = max(loader_workers, 1)  # time whole waves of the workers' batches, as above
-            return {"kind": kind, "size": int(key.split("_")[1]), "batch_size": p["batch_size"],
-                    "num_images": FOLDER_IMAGES, "strength": STRENGTH, "warmup": max(p["warmup"], wave),
-                    "batches": -(-p["batches"] // wave) * wave, **extra}
+        def waves(loader_workers: int) -> tuple[int, int]:
+            """(warm-up, timed) batches: whole waves of the workers' batches, as above."""
+            wave = max(loader_workers, 1)
+            return max(p["warmup"], wave), -(-p["batches"] // wave) * wave
+
         ours_workers = min(32, len(os.sched_getaffinity(0)))  # our loader's default (one process)
+        # Many workers need many batches: shrink the batch (the same on both sides) so that the
+        # longest plan still ends inside one pass over the FOLDER_IMAGES files.
+        longest = max(sum(waves(w)) for w in [ours_workers, *p["workers"]])
+        batch = min(p["batch_size"], FOLDER_IMAGES // (longest + 1))
+
+        def folder_spec(kind: str, loader_workers: int, **extra: Any) -> dict[str, Any]:
+            warmup, batches = waves(loader_workers)
+            return {"kind": kind, "size": int(key.split("_")[1]), "batch_size": batch, "num_images": FOLDER_IMAGES,
+                    "strength": STRENGTH, "warmup": warmup, "batches": batches, **extra}
         return (folder_spec("folder_ours", ours_workers, device=device),
                 [folder_spec("folder_reference", w, workers=w) for w in p["workers"]])
     model = key.split("_", 1)[1]
@@ -328,6 +337,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan["folder"]["workers"] = workers
         for section in ("e2e_embedded", "e2e_resnet18"):
             plan[section]["reference"] = [[w, cpus] for w in workers]
+    if args.device == "cuda":  # GPU steps take milliseconds: time more of them, after cuDNN's autotuning
+        plan["augment"]["batches"] = max(plan["augment"]["batches"], 20)
+        for section in ("e2e_embedded", "e2e_resnet18"):
+            plan[section]["warmup"] = max(plan[section]["warmup"], 5)
+            plan[section]["steps"] = max(plan[section]["steps"], 20)
     repeats = args.repeats or plan["repeats"]
     ablation = plan["ablation"] if args.ablation is None else args.ablation
     if args.device == "cuda":

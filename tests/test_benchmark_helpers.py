@@ -138,15 +138,19 @@ def test_ours_env_without_equals_sign_is_rejected_by_name(capsys):
     assert "'OMP_WAIT_POLICY'" in capsys.readouterr().err
 
 
-def test_folder_specs_time_whole_worker_waves_and_carry_no_target(monkeypatch):
-    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1})
-    plan = run.PLANS["full"]
+@pytest.mark.parametrize("cpus, reference_workers", [(2, None), (16, [8, 16]), (64, [32, 64])])
+def test_folder_specs_time_whole_worker_waves_and_carry_no_target(monkeypatch, cpus, reference_workers):
+    # 16 CPUs is the GPU machine, where the first plan ran past the folder's images.
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    plan = {"folder": dict(run.PLANS["full"]["folder"], workers=reference_workers or [1, 2, 3])}
     ours, references = run._specs("folder_224", plan, "cpu")
     assert ours["kind"] == "folder_ours" and ours["size"] == 224 and "workers" not in ours  # our default
     assert [r["workers"] for r in references] == plan["folder"]["workers"]
-    for spec, wave in [(ours, 2)] + [(r, max(r["workers"], 1)) for r in references]:
+    assert len({spec["batch_size"] for spec in [ours, *references]}) == 1  # the same batch on both sides
+    for spec, wave in [(ours, min(cpus, 32))] + [(r, max(r["workers"], 1)) for r in references]:
         assert spec["warmup"] >= wave and spec["batches"] % wave == 0 and spec["batches"] >= plan["folder"]["batches"]
         assert (spec["warmup"] + spec["batches"] + 1) * spec["batch_size"] <= spec["num_images"]  # no epoch end
+        assert spec["batch_size"] >= 1
     out = run._summarise("folder_224", [_result(240.0)], [[_result(80.0, workers=3, threads=2)]])
     assert out["ratio"] == pytest.approx(3.0) and out["target_met"] is None and out["target_ratio"] is None
 
