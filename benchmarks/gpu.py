@@ -21,7 +21,10 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
 5. ``folder_224``: two 224 px views per image from a folder of ImageNet-sized JPEGs, as
    folder pretraining makes them: DataLoader workers (the default count) decode and cut the
    crops, the GPU does the rest; images/s the input can feed to section 2's model.
-6. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
+6. ``stages``: every command on the device, tiny: ``simclrv2 pipeline`` with the MoCo-style
+   memory, ``evaluate`` and ``export`` of the distilled student, and (CUDA only) ``pretrain``
+   in fp16 with its gradient scaler, stopped and resumed.
+7. ``resnet50_224_compiled``: section 2 with ``torch.compile``, only if enough time is left.
 
 Out-of-memory lowers the batch (halving) and retries. A compact JSON summary is printed last
 and written to ``$OUT/gpu.json`` when ``OUT`` is set. ``--dry-run`` runs everything on the CPU
@@ -370,6 +373,51 @@ def resume_check(device: torch.device) -> dict[str, Any]:
     return {"max_weight_diff": diff, "ok": diff == 0.0 if device.type == "cpu" else diff < 1e-2}
 
 
+def stages_check(device: torch.device) -> dict[str, Any]:
+    """Every command on the device (section 6): ``simclrv2 pipeline`` on a tiny model with the
+    MoCo-style memory on (pretrain, linear eval, fine-tune, distill, baseline, report), then
+    ``evaluate`` and ``export`` of its distilled student, then ``pretrain`` in fp16 with its
+    gradient scaler (CUDA only) stopped after 2 steps and resumed."""
+    import tempfile
+
+    from simclrv2.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = common.write_synthetic_fashion_mnist(root / "data", 256, 64)
+        shared = ["--data-dir", str(data), "--device", device.type, "--progress", "false", "--eval-batch-size", "64"]
+        codes = {"pipeline": cli(["pipeline", *shared, "--run-dir", str(root / "pipeline"),
+                                  "--pretrain.width-multiplier", "0.125", "--pretrain.train-steps", "4",
+                                  "--pretrain.train-batch-size", "32", "--pretrain.use-memory", "true",
+                                  "--pretrain.memory-size", "64", "--finetune.train-steps", "2",
+                                  "--baseline.train-steps", "2", "--distill.train-steps", "2",
+                                  "--distill.train-batch-size", "32", "--linear-eval.train-steps", "2",
+                                  "--label-fractions", "0.5"])}
+        out: dict[str, Any] = {}
+        students = sorted((root / "pipeline").glob("*/distill"))
+        if codes["pipeline"] == 0 and students:
+            report = json.loads((root / "pipeline" / "report.json").read_text())
+            out["report_top1"] = {fraction: {stage: entry[stage]["top1"] for stage in entry
+                                             if isinstance(entry[stage], dict) and "top1" in entry[stage]}
+                                  for fraction, entry in report["label_fractions"].items()}
+            codes["evaluate"] = cli(["evaluate", *shared, "--checkpoint", str(students[0]),
+                                     "--run-dir", str(root / "evaluate")])
+            out["evaluate"] = json.loads((root / "evaluate" / "eval.json").read_text()) if codes["evaluate"] == 0 else None
+            for fmt, name in (("safetensors", "student.safetensors"), ("onnx", "student.onnx")):
+                codes[f"export_{fmt}"] = cli(["export", "--format", fmt, str(students[0]), str(root / name)])
+        if device.type == "cuda":
+            fp16 = ["pretrain", *shared, "--run-dir", str(root / "fp16"), "--width-multiplier", "0.125",
+                    "--train-batch-size", "32", "--train-steps", "4", "--precision", "fp16", "--checkpoint-steps", "2"]
+            codes["pretrain_fp16_stopped"] = cli([*fp16, "--max-steps", "2"])
+            codes["pretrain_fp16_resumed"] = cli(fp16)
+            saved = torch.load(root / "fp16" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+            out["fp16_resumed_step"] = saved["step"]
+    out["exit_codes"] = codes
+    out["ok"] = all(code == 0 for code in codes.values()) and "evaluate" in codes and (
+        device.type != "cuda" or out.get("fp16_resumed_step") == 4)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=300.0, help="Seconds for everything (sections are skipped "
@@ -435,6 +483,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     section("resnet18_cifar", 25, cifar, cap_s=90)
     section("resume", 20, lambda: resume_check(device), cap_s=60)
     section("folder_224", 30, lambda: folder_pipeline(device, dry), cap_s=90)
+    section("stages", 40, lambda: stages_check(device), cap_s=120)
     if not args.no_compile and (not dry or args.compile_in_dry_run):
         def compiled() -> dict[str, Any]:
             spec = dict(r50, warmup=3, steps=10) if not dry else r50
@@ -443,7 +492,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         section("resnet50_224_compiled", 100, compiled)
 
     summary["elapsed_s"] = round(elapsed(), 1)
-    ok = summary.get("correctness", {}).get("all_ok", False) and summary.get("resume", {}).get("ok", False)
+    ok = all(summary.get(name, {}).get(flag, False) for name, flag in
+             (("correctness", "all_ok"), ("resume", "ok"), ("stages", "ok")))
     compact = json.dumps(summary, separators=(",", ":"), default=str)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "gpu.json"

@@ -67,3 +67,12 @@ def test_throughput_reports_each_phase_of_the_step():
     assert out["loss_finite"]
     for phase in ("augment_s_per_step", "forward_backward_s_per_step", "optimizer_s_per_step"):
         assert 0 < out[phase] < 60
+
+
+def test_stages_section_runs_every_command_and_checks_their_outputs():
+    out = gpu.stages_check(torch.device("cpu"))
+    assert out["ok"], out
+    assert set(out["exit_codes"]) == {"pipeline", "evaluate", "export_safetensors", "export_onnx"}
+    for stages in out["report_top1"].values():
+        assert set(stages) >= {"baseline", "linear_eval", "finetuned", "distilled"}
+        assert all(0 <= top1 <= 100 for top1 in stages.values())
