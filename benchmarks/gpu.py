@@ -121,7 +121,7 @@ class Trainer:
         self.model.train()
 
     def views(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.augment(images, self.generator), self.augment(images, self.generator)])
+        x = self.augment.views(images, 2, self.generator)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward_backward(self, x: torch.Tensor) -> torch.Tensor:

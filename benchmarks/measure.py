@@ -87,11 +87,11 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             idx = torch.randint(len(images), (batch,), generator=picker).to(device)
             x = images.index_select(0, idx)
-            views = (augment(x, generator), augment(x, generator))
+            views = augment.views(x, 2, generator)
             _sync(device)
             times.append(time.perf_counter() - t0)  # includes the gather, as the loader's batch would
         timed = times[spec["warmup"]:]
-    lo, hi = float(min(v.min() for v in views)), float(max(v.max() for v in views))
+    lo, hi = float(views.min()), float(views.max())
     return {"images_per_s": batch * len(timed) / sum(timed), "s_per_batch": sum(timed) / len(timed),
             "batch_size": batch, "timed_batches": len(timed), "threads": torch.get_num_threads(),
             "output_range": [lo, hi], "device": str(device), **_memory(device, mem)}
@@ -141,7 +141,7 @@ def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
         shapes = []
 
         def step(images) -> None:
-            shapes.append(list(make_views(images, generator)[0].shape))
+            shapes.append(list(make_views(images, generator).shape[1:]))
             _sync(device)
         timer = common.StepTimer()
         timer.run(source, spec["warmup"] + spec["batches"], step)

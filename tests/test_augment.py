@@ -180,8 +180,12 @@ def test_same_seed_same_views_different_seed_different():
     c = aug(x, torch.Generator().manual_seed(8))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    v1, v2 = aug.views(x, 2, torch.Generator().manual_seed(7))
-    assert torch.equal(v1, a) and not torch.allclose(v1, v2)
+    views = aug.views(x, 3, torch.Generator().manual_seed(7))
+    assert views.shape == (36, 3, 16, 16)
+    assert torch.equal(views, aug.views(x, 3, torch.Generator().manual_seed(7)))
+    v1, v2, v3 = views.chunk(3)  # view v of image i is row v * N + i, each its own draw
+    assert not torch.allclose(v1, v2) and not torch.allclose(v2, v3)
+    assert torch.equal(views, aug(torch.cat([x, x, x]), torch.Generator().manual_seed(7)))
 
 
 def test_chunking_does_not_change_result():

@@ -49,7 +49,7 @@ def test_pretraining_views_crop_the_whole_image(tmp_path):
         for images, _ in source:
             assert images.shape == (4, 2, 3, 16, 16) and images.dtype == torch.uint8
             dominant.append(images.float().mean(dim=(3, 4)).argmax(dim=2).flatten())
-            view1, view2 = make_views((images, None), torch.Generator().manual_seed(epoch))
+            view1, view2 = make_views((images, None), torch.Generator().manual_seed(epoch)).chunk(2)
             assert view1.shape == view2.shape == (4, 3, 16, 16) and view1.dtype == torch.float32
             assert 0 <= view1.min() and view1.max() <= 1 and not torch.equal(view1, view2)
     counts = torch.bincount(torch.cat(dominant), minlength=3)
@@ -64,8 +64,36 @@ def test_torchvision_path_gets_the_full_decoded_image(tmp_path):
     source, make_views = B.pretrain_views("torchvision", dataset, 2, 0, 0, 1, torch.device("cpu"), 16, 1.0, False, 0)
     assert source.dataset.dataset.mode == "decode"
     images, _ = next(iter(source))
-    view1, view2 = make_views((images, None), torch.Generator())
+    view1, view2 = make_views((images, None), torch.Generator()).chunk(2)
     assert view1.shape == (2, 3, 16, 16)
+
+
+def _grey_levels(n: int) -> list[int]:
+    return [10 + 30 * i for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "folder", "folder-torchvision"])
+def test_pretraining_views_put_the_first_views_first_then_the_second(tmp_path, kind):
+    # Flat grey images of distinct levels keep their level through crops, flips, grayscale and
+    # colour jitter of strength 0, so each row of the views shows which image it came from.
+    levels = _grey_levels(6)
+    if kind == "tensor":
+        images = torch.tensor(levels, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 20, 20).contiguous()
+        dataset = TensorImageDataset(images, None, (), "greys")
+    else:
+        for i, level in enumerate(levels):
+            _save(torch.full((3, 20, 30), level, dtype=torch.uint8), tmp_path / "c" / f"{i}.png")
+        dataset = ImageFolderDataset(tmp_path, image_size=16)
+    augmentation = "torchvision" if kind == "folder-torchvision" else "batched"
+    source, make_views = B.pretrain_views(augmentation, dataset, 3, 0, 0, 1, torch.device("cpu"), 16, 0.0, False, 0)
+    batch = next(iter(source))
+    views = make_views(batch, torch.Generator().manual_seed(0))
+    assert views.shape == (6, 3, 16, 16)
+    view_levels = views.mean(dim=(1, 2, 3)) * 255
+    source = batch[0]  # images, or (torchvision) each image's two finished views
+    source_levels = source.float().flatten(1).mean(1) * (255 if source.is_floating_point() else 1)
+    assert set(source_levels.round().tolist()) < set(map(float, levels))
+    torch.testing.assert_close(view_levels, torch.cat([source_levels, source_levels]), atol=0.5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [24, 40])

@@ -579,9 +579,11 @@ class SimCLRAugment:
         n, _, height, width = images.shape
         return self.apply(images, self.sample_params(n, height, width, generator))
 
-    def views(self, images: Tensor, num_views: int = 2, generator: Optional[torch.Generator] = None) -> list[Tensor]:
-        """``num_views`` independent views of the batch (the paper uses 2)."""
-        return [self(images, generator) for _ in range(num_views)]
+    def views(self, images: Tensor, num_views: int = 2, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``num_views`` independent views of the (N, C, H, W) batch (the paper uses 2), stacked:
+        view ``v`` of image ``i`` is row ``v * N + i``. Made in one call, so the fixed cost of
+        a call (hundreds of small ops, one host-device synchronisation) is paid once."""
+        return self(images.repeat(num_views, 1, 1, 1), generator)
 
 
 def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:

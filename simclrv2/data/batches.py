@@ -26,7 +26,7 @@ from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_aug
 from .datasets import DataError, ImageFolderDataset, build_dataset
 from .loader import FileLoader, make_loader, shard_indices
 
-ViewMaker = Callable[[Any, torch.Generator], tuple[Tensor, Tensor]]
+ViewMaker = Callable[[Any, torch.Generator], Tensor]
 
 
 def native_image_size(dataset: Any) -> int:
@@ -53,18 +53,20 @@ AUGMENTATIONS = ("batched", "torchvision")
 def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
                    device: torch.device, image_size: int, strength: float, use_blur: bool,
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
-    """(batch source, ``make_views(batch, generator) -> (view1, view2)``) for pretraining."""
+    """(batch source, ``make_views(batch, generator) -> views``) for pretraining: ``views`` is
+    (2B, 3, S, S), the first view of every image in rows ``[0, B)`` and the second in ``[B, 2B)``
+    (the layout NT-Xent takes)."""
     if kind == "batched":
         folder = isinstance(dataset, ImageFolderDataset)
         if folder:  # each sample arrives as its two crops (B, 2, 3, S, S)
             dataset = dataset.with_mode("train", crops=2)
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=not folder)
 
-        def make_views(batch: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        def make_views(batch: Any, generator: torch.Generator) -> Tensor:
             images = batch[0]
-            if folder:
-                return augment(images[:, 0], generator), augment(images[:, 1], generator)
-            return augment(images, generator), augment(images, generator)
+            if folder:  # both crops in one call, as SimCLRAugment.views does
+                return augment(images.transpose(0, 1).flatten(0, 1), generator)
+            return augment.views(images, 2, generator)
         return train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers), make_views
     if kind == "torchvision":
         transform = torchvision_simclr_transform(image_size, strength, blur=use_blur)
@@ -74,9 +76,8 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
         source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
                             world_size=world_size, num_workers=num_workers, device=device)
 
-        def pil_views(batch: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-            views = batch[0]
-            return views[:, 0], views[:, 1]
+        def pil_views(batch: Any, generator: torch.Generator) -> Tensor:
+            return batch[0].transpose(0, 1).flatten(0, 1)
         return source, pil_views
     raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
 

@@ -72,7 +72,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     def step_fn(batch_data: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         labels = batch_data[1] if has_labels else None
-        views = to_device_images(torch.cat(make_views(batch_data, generator)), rt)
+        views = to_device_images(make_views(batch_data, generator), rt)
         projection, logits = net(views)
         metrics: dict[str, Any] = {}
         if momentum_net is not None:
