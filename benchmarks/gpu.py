@@ -376,11 +376,14 @@ def resume_check(device: torch.device) -> dict[str, Any]:
 def stages_check(device: torch.device) -> dict[str, Any]:
     """Every command on the device (section 6): ``simclrv2 pipeline`` on a tiny model with the
     MoCo-style memory on (pretrain, linear eval, fine-tune, distill, baseline, report), then
-    ``evaluate`` and ``export`` of its distilled student, then ``pretrain`` in fp16 with its
+    ``evaluate`` and ``export`` of its distilled student (by the command, and by the Python API
+    from the model on the device), then ``pretrain`` in fp16 with its
     gradient scaler (CUDA only) stopped after 2 steps and resumed."""
     import tempfile
 
+    import simclrv2
     from simclrv2.cli import main as cli
+    from simclrv2.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -405,6 +408,10 @@ def stages_check(device: torch.device) -> dict[str, Any]:
             out["evaluate"] = json.loads((root / "evaluate" / "eval.json").read_text()) if codes["evaluate"] == 0 else None
             for fmt, name in (("safetensors", "student.safetensors"), ("onnx", "student.onnx")):
                 codes[f"export_{fmt}"] = cli(["export", "--format", fmt, str(students[0]), str(root / name)])
+            # The Python API exports a model wherever it lives (the command loads on the CPU).
+            on_device = simclrv2.load(students[0], device=device)
+            export_model(on_device, root / "on_device.onnx", "onnx", 28)
+            out["api_export_left_model_on"] = str(next(on_device.parameters()).device)
         if device.type == "cuda":
             fp16 = ["pretrain", *shared, "--run-dir", str(root / "fp16"), "--width-multiplier", "0.125",
                     "--train-batch-size", "32", "--train-steps", "4", "--precision", "fp16", "--checkpoint-steps", "2"]
@@ -414,7 +421,8 @@ def stages_check(device: torch.device) -> dict[str, Any]:
             out["fp16_resumed_step"] = saved["step"]
     out["exit_codes"] = codes
     out["ok"] = all(code == 0 for code in codes.values()) and "evaluate" in codes and (
-        device.type != "cuda" or out.get("fp16_resumed_step") == 4)
+        device.type != "cuda" or out.get("fp16_resumed_step") == 4) and (
+        out.get("api_export_left_model_on", "").startswith(device.type))
     return out
 
 

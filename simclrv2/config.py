@@ -86,7 +86,8 @@ class RuntimeConfig:
 
     run_dir: Optional[str] = _opt(None, "Output folder; default: runs/<stage>-<time> in the current folder.")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
-    precision: str = _opt("auto", "auto (bf16 where the device supports it, else fp32), fp32, bf16 or fp16 (CUDA only).")
+    precision: str = _opt("auto", "auto (bf16 where the device has it natively; else fp16 on GPUs, fp32 on "
+                                  "CPUs), fp32, bf16 or fp16 (CUDA only).")
     channels_last: Optional[bool] = _opt(None, "Use channels-last memory format; default: on.")
     compile: bool = _opt(False, "Compile the model with torch.compile.")
     seed: int = _opt(0, "Random seed.")

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -211,6 +212,8 @@ def export_model(model: SimCLRv2Model, out: str | Path, fmt: str, image_size: in
     if out.is_dir():
         raise ExportError(f"output {out} is a folder; name the file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).cpu()  # exports are made on the CPU; the caller's model stays put
     model = model.eval()
     if fmt == "torchvision":
         state = torchvision_state_dict(model)

@@ -8,6 +8,8 @@ buffered keys. The official TF2 code has neither; the loss using them is
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -64,6 +66,9 @@ class FeatureQueue(nn.Module):
         self.register_buffer("keys", init / init.norm(dim=1, keepdim=True))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
+        # Host copies of (ptr, num_filled): reading a GPU buffer waits for the GPU's queued work.
+        self._counters: Optional[tuple[int, int]] = (0, 0)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_counters", None))
 
     @property
     def size(self) -> int:
@@ -73,9 +78,14 @@ class FeatureQueue(nn.Module):
     def dim(self) -> int:
         return self.keys.shape[1]
 
+    def _read_counters(self) -> tuple[int, int]:
+        if self._counters is None:  # after load_state_dict: read the buffers once
+            self._counters = (int(self.ptr), int(self.num_filled))
+        return self._counters
+
     def filled(self) -> torch.Tensor:
         """The entries written so far (all ``size`` rows once the queue has wrapped)."""
-        return self.keys[: int(self.num_filled)]
+        return self.keys[: self._read_counters()[1]]
 
     @torch.no_grad()
     def enqueue(self, new_keys: torch.Tensor, gather: bool = False) -> None:
@@ -93,8 +103,10 @@ class FeatureQueue(nn.Module):
         if n == 0:
             return
         kept = new_keys[-self.size:].detach().to(self.keys.dtype)
-        start = int(self.ptr) + n - kept.shape[0]
+        ptr, num_filled = self._read_counters()
+        start = ptr + n - kept.shape[0]
         idx = (start + torch.arange(kept.shape[0], device=self.keys.device)) % self.size
         self.keys[idx] = kept.to(self.keys.device)
-        self.ptr.fill_((int(self.ptr) + n) % self.size)
-        self.num_filled.fill_(min(self.size, int(self.num_filled) + n))
+        self._counters = ((ptr + n) % self.size, min(self.size, num_filled + n))
+        self.ptr.fill_(self._counters[0])
+        self.num_filled.fill_(self._counters[1])

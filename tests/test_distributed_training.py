@@ -40,7 +40,7 @@ from simclrv2.data import batches as B
 from simclrv2.data.datasets import TensorImageDataset
 from simclrv2.engine.evaluation import evaluate_classifier, topk_correct
 from simclrv2.config import ConfigError, OptimConfig, RuntimeConfig
-from simclrv2.engine.runtime import (Runtime, _pick_device, _pick_dtype, cpu_supports_bf16, prepare_model,
+from simclrv2.engine.runtime import (Runtime, pick_device, pick_dtype, cpu_supports_bf16, prepare_model,
                                      setup_runtime, to_device_images, unwrap)
 from simclrv2.engine.trainer import TrainTask, train
 from simclrv2.losses import l2_normalize, moco_contrastive_loss, nt_xent
@@ -356,16 +356,39 @@ def test_single_process_runtime_needs_no_launcher(monkeypatch):
 
 def test_precision_and_device_defaults():
     cpu = torch.device("cpu")
-    assert _pick_dtype("auto", cpu) == (torch.bfloat16 if cpu_supports_bf16() else None)
-    assert _pick_dtype("fp32", cpu) is None and _pick_dtype("bf16", cpu) is torch.bfloat16
+    assert pick_dtype("auto", cpu) == (torch.bfloat16 if cpu_supports_bf16() else None)
+    assert pick_dtype("fp32", cpu) is None and pick_dtype("bf16", cpu) is torch.bfloat16
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        _pick_dtype("fp16", cpu)
+        pick_dtype("fp16", cpu)
     with pytest.raises(ConfigError, match="--device tpu"):
-        _pick_device("tpu", 0)
+        pick_device("tpu", 0)
     assert Runtime(cpu, torch.bfloat16, False, 0, 1).grad_scaler() is None  # only fp16 (CUDA) scales the loss
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
-            _pick_device("cuda", 0)
+            pick_device("cuda", 0)
+
+
+def test_auto_precision_uses_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    for capability, auto in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                             ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert pick_dtype("auto", gpu) is auto
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.warns(UserWarning, match="Tesla V100 has no native bf16.*--precision fp16"):
+        assert pick_dtype("bf16", gpu) is torch.bfloat16
+    assert pick_dtype("fp16", gpu) is torch.float16
+
+
+def test_auto_device_checks_local_rank_against_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto", 1, world=2) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="cuda:2 does not exist: 2 GPU"):
+        pick_device("auto", 2, world=3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", 2, world=3) == torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- torchrun end to end

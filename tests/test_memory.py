@@ -66,6 +66,7 @@ def test_state_dict_round_trip():
     assert set(q.state_dict()) == {"keys", "ptr", "num_filled"}
     torch.testing.assert_close(restored.keys, q.keys)
     assert int(restored.ptr) == int(q.ptr) and int(restored.num_filled) == int(q.num_filled)
+    torch.testing.assert_close(restored.filled(), q.filled())  # the loaded counters, not the fresh queue's
     more = torch.randn(2, 3)
     q.enqueue(more)
     restored.enqueue(more)

@@ -15,8 +15,8 @@ from torch import nn
 from simclrv2.cli import main
 from simclrv2.config import RuntimeConfig
 from simclrv2.data.batches import TensorBatches
-from simclrv2.engine.checkpoint import (CheckpointError, latest_valid_checkpoint, load_checkpoint, resolve_checkpoint,
-                                        save_checkpoint, step_checkpoints)
+from simclrv2.engine.checkpoint import (CheckpointError, capture_rng, latest_valid_checkpoint, load_checkpoint,
+                                        resolve_checkpoint, restore_rng, save_checkpoint, step_checkpoints)
 from simclrv2.engine.logging import read_metrics
 from simclrv2.engine.runtime import Runtime
 from simclrv2.engine.trainer import NonFiniteLoss, TrainTask, train
@@ -214,3 +214,53 @@ def test_nonfinite_stop_promises_only_a_checkpoint_that_exists(tmp_path: Path, n
               RuntimeConfig(progress=False, checkpoint_steps=2), tmp_path)
     assert promise in str(err.value)
     assert ("last good checkpoint" in str(err.value)) == (tmp_path / "checkpoints").is_dir()
+
+
+class _FakeCuda:
+    """The torch.cuda functions that capture_rng / restore_rng use, on a CPU-only machine."""
+
+    def __init__(self, monkeypatch, current: int, initialized: bool = True):
+        self.set_to: list[torch.Tensor] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), current, dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set_to.append(state))
+
+
+def test_cuda_random_state_is_this_process_gpu_only(monkeypatch):
+    _FakeCuda(monkeypatch, current=3)
+    assert torch.equal(capture_rng()["cuda"], torch.full((16,), 3, dtype=torch.uint8))
+    _FakeCuda(monkeypatch, current=0, initialized=False)  # a CPU run on a GPU machine: no CUDA context made
+    assert "cuda" not in capture_rng()
+
+
+def test_cuda_random_state_restores_on_fewer_gpus_than_were_visible(monkeypatch):
+    cpu_state = capture_rng()
+    per_gpu = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # older checkpoints: every visible GPU
+    fake = _FakeCuda(monkeypatch, current=1)
+    restore_rng({**cpu_state, "cuda": per_gpu})
+    restore_rng({**cpu_state, "cuda": per_gpu[5]})
+    assert [int(s[0]) for s in fake.set_to] == [1, 5]
+    fake = _FakeCuda(monkeypatch, current=3)
+    restore_rng({**cpu_state, "cuda": per_gpu[:2]})  # saved with 2 GPUs visible, resumed on GPU 3: skipped
+    assert fake.set_to == []
+
+
+def test_augmentation_generator_from_another_device_type_is_reseeded_with_a_warning():
+    from simclrv2.engine.trainer import GeneratorState
+
+    source = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=source)
+    same = GeneratorState(torch.Generator())
+    same.load_state_dict(GeneratorState(source).state_dict())
+    assert torch.equal(torch.rand(4, generator=same.generator), torch.rand(4, generator=source))
+
+    def draws_after_loading(saved: torch.Tensor) -> torch.Tensor:
+        target = GeneratorState(torch.Generator())
+        with pytest.warns(UserWarning, match="another device type than this run's cpu; it is reseeded"):
+            target.load_state_dict({"state": saved})
+        return torch.rand(4, generator=target.generator)
+    cuda_like = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state is 16 bytes (seed, offset)
+    assert torch.equal(draws_after_loading(cuda_like), draws_after_loading(cuda_like.clone()))
+    assert not torch.equal(draws_after_loading(cuda_like), draws_after_loading(cuda_like.flip(0)))

@@ -344,10 +344,23 @@ def adjust_hue(x: Tensor, delta: Tensor) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _gray_weights(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Made once per device: a host-to-GPU copy would wait for the GPU's queued work."""
+    return torch.tensor(GRAY_WEIGHTS, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def to_grayscale(x: Tensor) -> Tensor:
     """``tf.image.rgb_to_grayscale`` tiled to 3 channels (official ``to_grayscale``)."""
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True).expand_as(x)
+    return (x * _gray_weights(x.device, x.dtype)).sum(dim=1, keepdim=True).expand_as(x)
+
+
+def same_boxes(n: int, box: Sequence[int], device: torch.device) -> Tensor:
+    """``n`` copies of one ``(y0, x0, h, w)`` box, filled on ``device`` (no host-to-GPU copy)."""
+    boxes = torch.empty(n, 4, dtype=torch.long, device=device)
+    for column, value in enumerate(box):
+        boxes[:, column] = value
+    return boxes
 
 
 _COLOR_FNS_ = {"brightness": _brightness_, "contrast": _contrast_, "saturation": _saturation_,
@@ -501,7 +514,7 @@ class SimCLRAugment:
         if self.crop:  # square output: the official aspect range times width/height = 1
             boxes = sample_crop_boxes(n, height, width, g, self.area_range, self.aspect_ratio_range, device=device)
         else:
-            boxes = torch.tensor([0, 0, height, width], device=device).repeat(n, 1)
+            boxes = same_boxes(n, (0, 0, height, width), device)
         u = torch.rand(n, 4, generator=g, device=device)
         s = self.strength
         b, c, sat, hue = 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
@@ -547,6 +560,8 @@ class SimCLRAugment:
 
     def _apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         x = resize_boxes(images, params.boxes, self.image_size, params.flip, self.interpolation)
+        if not (self.color or (self.use_blur and self.blur_radius > 0)):  # crop and flip only (fine-tuning)
+            return x.clamp_(0.0, 1.0)
         jitter, gray, blur = schedule(params)
         if self.color:
             x = _color_jitter_(x, params, jitter)
@@ -641,8 +656,8 @@ class EvalTransform:
             x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
             return x.clamp(0.0, 1.0)
         box = center_crop_box(height, width, size, size, self.crop_proportion) if self.crop else (0, 0, height, width)
-        boxes = torch.tensor(box, device=images.device).repeat(n, 1)
-        return resize_boxes(images, boxes, size, interpolation=self.interpolation).clamp_(0.0, 1.0)
+        return resize_boxes(images, same_boxes(n, box, images.device), size,
+                            interpolation=self.interpolation).clamp_(0.0, 1.0)
 
 
 def _check_batch(images: Tensor) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
 from .datasets import DataError, ImageFolderDataset, build_dataset
-from .loader import FileLoader, make_loader, shard_indices
+from .loader import PRELOAD_MAX_BYTES, FileLoader, make_loader, shard_indices
 
 ViewMaker = Callable[[Any, torch.Generator], Tensor]
 
@@ -103,10 +103,13 @@ def split_size(dataset: str, data_dir: Optional[str], split: str) -> int:
 
 
 class TensorBatches:
-    """Batches of precomputed tensors (e.g. frozen features), with the batch-source interface."""
+    """Batches of precomputed tensors (e.g. frozen features), with the batch-source interface.
+    Up to ``PRELOAD_MAX_BYTES`` of them move to an accelerator ``device`` once, not per batch."""
 
     def __init__(self, features: Tensor, labels: Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
                  device: Optional[torch.device] = None):
+        if device is not None and device.type != "cpu" and features.nbytes <= PRELOAD_MAX_BYTES:
+            features, labels = features.to(device), labels.to(device)
         self.features, self.labels = features, labels
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.device = device
@@ -123,6 +126,7 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = shard_indices(len(self.features), self.epoch, self.seed, self.shuffle, drop_last=self.shuffle)
+        order = order.to(self.features.device)
         start, self.start_batch = self.start_batch, 0
         for b in range(start, self._len):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]

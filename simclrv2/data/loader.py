@@ -108,10 +108,10 @@ class InMemoryLoader(_Sharded):
         self.preloaded = preload
 
     def __iter__(self) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-        indices = self._indices()
+        indices = self._indices().to(self._images.device)  # once an epoch: a copy to a GPU waits for it
         self.start_batch = 0  # only the first iteration after set_epoch resumes mid-epoch
         for start in range(0, indices.numel(), self.batch_size):
-            idx = indices[start:start + self.batch_size].to(self._images.device)
+            idx = indices[start:start + self.batch_size]
             images = self._images.index_select(0, idx)
             if self._grey:
                 images = images.expand(-1, 3, -1, -1).contiguous()
@@ -189,12 +189,14 @@ class FileLoader(_Sharded):
         self.device = None if device is None else torch.device(device)
         self.skipped = 0
         workers = default_num_workers() if num_workers is None else num_workers
-        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        if pin_memory is None:  # pinned pages only pay for copies to a GPU
+            pin_memory = torch.cuda.is_available() and (self.device is None or self.device.type == "cuda")
         extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor) if workers > 0 else {}
         self._sampler = _ListSampler()
         self.dataloader = torch.utils.data.DataLoader(
-            _SeededSamples(dataset), batch_size=batch_size, sampler=self._sampler, num_workers=workers, pin_memory=pin,
-            drop_last=False, generator=torch.Generator().manual_seed(seed + 1000003 * rank), **extra)
+            _SeededSamples(dataset), batch_size=batch_size, sampler=self._sampler, num_workers=workers,
+            pin_memory=pin_memory, drop_last=False, generator=torch.Generator().manual_seed(seed + 1000003 * rank),
+            **extra)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self._sampler.indices = [(i, _sample_seed(self.seed, self.epoch, i)) for i in self._indices().tolist()]

@@ -194,7 +194,8 @@ def resolve_checkpoint(path_or_run_dir: str) -> Path:
 
 
 def capture_rng() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states as checkpoint-safe values."""
+    """Python, NumPy, torch and (once CUDA is in use) the current GPU's generator states as
+    checkpoint-safe values. Only this process's GPU: a run may resume where fewer are visible."""
     version, py_state, gauss = random.getstate()
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -202,8 +203,8 @@ def capture_rng() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -214,5 +215,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible then
+        index = torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)

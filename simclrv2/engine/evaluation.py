@@ -12,28 +12,32 @@ import torch
 from simclrv2.engine.runtime import Runtime, to_device_images
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Number of examples whose label is among the top-k logits, for each k (k capped at C)."""
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Number of examples whose label is among the top-k logits, for each k (k capped at C), as
+    a tensor on the logits' device (reading it would wait for the GPU)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """:func:`topk_hits` as Python ints."""
+    return topk_hits(logits, labels, ks).tolist()
 
 
 @torch.no_grad()
 def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
                         rt: Runtime, preprocess: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) of ``logits_fn`` over labelled ``batches``."""
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.float64, device=rt.device)  # top-1, top-5, examples; read once at the end
     for images, labels in batches:
         x = to_device_images(preprocess(images.to(rt.device)), rt)
         with rt.autocast():
             logits = logits_fn(x)
-        top1, top5 = topk_correct(logits.float(), labels.to(logits.device))
-        counts += torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64)
+        counts[:2] += topk_hits(logits.float(), labels.to(logits.device))
+        counts[2] += labels.shape[0]
     if rt.world_size > 1:
-        counts = counts.to(rt.device)
         torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
     top1, top5, total = counts.tolist()
     if total == 0:
         raise ValueError("evaluation split is empty")

@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,10 +52,16 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def _pick_device(name: str, local_rank: int, world: int = 1) -> torch.device:
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """True on GPUs with native bf16 (compute capability 8.0+, Ampere on). Older GPUs emulate
+    it, which ``torch.cuda.is_bf16_supported()`` also counts, several times slower than fp16."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pick_device(name: str, local_rank: int, world: int = 1) -> torch.device:
     """The device of this process: ``auto``/``cuda`` take GPU ``LOCAL_RANK`` under torchrun."""
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -75,14 +82,18 @@ def _pick_device(name: str, local_rank: int, world: int = 1) -> torch.device:
     return device
 
 
-def _pick_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def pick_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype of ``--precision`` on ``device`` (None: float32)."""
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_supports_bf16(device) else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else None
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cuda" and not cuda_supports_bf16(device):
+            warnings.warn(f"{torch.cuda.get_device_name(device)} has no native bf16, so --precision bf16 is "
+                          "emulated and slow; --precision fp16 (or auto) uses its fp16 tensor cores")
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":
@@ -115,7 +126,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     ranks draw different augmentations; DDP makes the initial weights identical.
     """
     _, local_rank, world = dist.launch_env()
-    device = _pick_device(cfg.device, local_rank, world)
+    device = pick_device(cfg.device, local_rank, world)
     rank, _, world = dist.init_distributed(device)
     torch.set_num_threads(cfg.num_threads or default_threads())
     if device.type == "cuda":
@@ -125,7 +136,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed + rank)
     channels_last = True if cfg.channels_last is None else cfg.channels_last
-    return Runtime(device, _pick_dtype(cfg.precision, device), channels_last, rank, world)
+    return Runtime(device, pick_dtype(cfg.precision, device), channels_last, rank, world)
 
 
 def convert_global_bn(model: nn.Module, device: torch.device) -> nn.Module:

@@ -7,8 +7,10 @@ end, exact resume, and a clean checkpoint-and-exit on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -56,7 +58,15 @@ class GeneratorState:
         return {"state": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["state"])
+        saved = state["state"]
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        # CPU and CUDA generators keep differently sized states: the run changed device type.
+        warnings.warn(f"the checkpoint's augmentation generator ran on another device type than this run's "
+                      f"{self.generator.device.type}; it is reseeded from the saved state, so augmentations "
+                      "differ from an uninterrupted run")
+        self.generator.manual_seed(int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little"))
 
 
 class BatchSource(Protocol):
@@ -108,13 +118,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _agree(flags: list[bool], rt: Runtime) -> list[bool]:
-    """OR each flag over all ranks, so every rank takes the same branch."""
-    if rt.world_size == 1:
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=rt.device)
-    torch.distributed.all_reduce(t)
-    return [bool(v > 0) for v in t.tolist()]
+def _agree(loss: torch.Tensor, stopping: bool, rt: Runtime) -> tuple[bool, bool]:
+    """(loss non-finite, stop requested), each OR-ed over all ranks so that every rank takes the
+    same branch. Built on the loss's device and read once: the step's only wait for the GPU."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_full((), float(stopping))])
+    if rt.world_size > 1:
+        torch.distributed.all_reduce(flags)
+    nonfinite, stop = flags.tolist()
+    return nonfinite > 0, stop > 0
 
 
 def _rank_randomness(task: TrainTask) -> dict[str, Any]:
@@ -271,7 +282,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                         group["lr"] = lr
                     with rt.autocast():
                         loss, metrics = task.step_fn(batch, step)
-                    nonfinite, stopping = _agree([not bool(torch.isfinite(loss)), stop.signal is not None], rt)
+                    nonfinite, stopping = _agree(loss, stop.signal is not None, rt)
                     if nonfinite:
                         if cfg.on_nonfinite != "skip":
                             raise NonFiniteLoss(
