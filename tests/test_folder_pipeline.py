@@ -197,3 +197,14 @@ def test_folder_pretraining_resumes_exactly_with_worker_crops(tmp_path):
     run(tmp_path / "stopped", 2, "--max-steps", "2")
     resumed = run(tmp_path / "stopped", 1)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_evaluation_loaders_take_the_worker_count_and_end_with_their_pass(tmp_path):
+    for i in range(4):
+        _save(_random_image(20, 30, i), tmp_path / "c" / f"{i}.png")
+    dataset = ImageFolderDataset(tmp_path, image_size=16, mode="eval")
+    loader = B.eval_batches(dataset, 2, 0, 1, torch.device("cpu"), num_workers=1)
+    assert loader.dataloader.num_workers == 1 and not loader.dataloader.persistent_workers
+    assert sum(len(images) for images, _ in loader) == 4
+    training = B.train_batches(dataset, 2, 0, 0, 1, torch.device("cpu"), num_workers=1)
+    assert training.dataloader.persistent_workers  # the training loader is reused every epoch

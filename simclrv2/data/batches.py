@@ -41,10 +41,12 @@ def train_batches(dataset: Any, batch_size: int, seed: int, rank: int, world_siz
                        world_size=world_size, device=device, num_workers=num_workers)
 
 
-def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, device: torch.device) -> Any:
-    """Every example exactly once over all ranks, in order, no padding."""
+def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 num_workers: Optional[int] = None) -> Any:
+    """Every example exactly once over all ranks, in order, no padding. One pass, so image
+    folders get workers that end with it (not persistent ones left behind by each evaluation)."""
     return make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, rank=rank,
-                       world_size=world_size, device=device)
+                       world_size=world_size, device=device, num_workers=num_workers, persistent_workers=False)
 
 
 AUGMENTATIONS = ("batched", "torchvision")

@@ -223,10 +223,11 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, drop_last: b
 
 def make_loader(dataset, batch_size: int, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu",
-                num_workers: Optional[int] = None) -> Union[InMemoryLoader, FileLoader]:
+                num_workers: Optional[int] = None,
+                persistent_workers: bool = True) -> Union[InMemoryLoader, FileLoader]:
     """:class:`InMemoryLoader` for tensor datasets, else :func:`make_dataloader` (moving batches
     to ``device``)."""
     if isinstance(dataset, TensorImageDataset):
         return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, device)
     return make_dataloader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, num_workers,
-                           device=device)
+                           device=device, persistent_workers=persistent_workers)

@@ -50,7 +50,7 @@ def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Run
     eval_set, preprocess = B.eval_inputs(C.load_split(cfg_data, cfg_data.eval_split, image_size), image_size)
     net.eval()
     return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
+        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device, cfg_data.num_workers), rt, preprocess)
 
 
 def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:

@@ -10,7 +10,7 @@ gives a slightly lower number than training through augmented views.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,13 @@ from simclrv2.models import SupervisedHead
 from simclrv2.stages import common as C
 
 
-def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int):
+def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int,
+              num_workers: Optional[int]):
     head = model.projection_head
     dataset, preprocess = B.eval_inputs(dataset, image_size)
     return extract_features(lambda x: head.hidden_at(model.encoder(x), selector),
-                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device), rt, preprocess)
+                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device, num_workers), rt,
+                            preprocess)
 
 
 def run(cfg: LinearEvalConfig) -> dict[str, Any]:
@@ -51,9 +53,11 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     # Every rank trains the classifier on all features: it is tiny, and this keeps ranks in step.
     one_rank = Runtime(rt.device, rt.dtype, rt.channels_last, 0, 1)
-    train_x, train_y = _features(model, cfg.ft_proj_selector, labelled, cfg.data.eval_batch_size, one_rank, image_size)
+    train_x, train_y = _features(model, cfg.ft_proj_selector, labelled, cfg.data.eval_batch_size, one_rank, image_size,
+                                 cfg.data.num_workers)
     eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
-    eval_x, eval_y = _features(model, cfg.ft_proj_selector, eval_set, cfg.data.eval_batch_size, one_rank, image_size)
+    eval_x, eval_y = _features(model, cfg.ft_proj_selector, eval_set, cfg.data.eval_batch_size, one_rank, image_size,
+                               cfg.data.num_workers)
 
     classifier = SupervisedHead(train_x.shape[1], len(full.classes), zero_init=True).to(rt.device)
     optimizer = C.build_optimizer(classifier, cfg.optim)

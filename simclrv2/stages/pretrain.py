@@ -106,8 +106,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     def linear_eval(epoch: int) -> dict[str, Any]:
         """Accuracy of the linear head trained on stop-gradient features (official monitor)."""
         net.eval()
-        result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-            eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device), rt, preprocess)
+        eval_loader = B.eval_batches(eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device,
+                                     cfg.data.num_workers)
+        result = evaluate_classifier(lambda x: net(x)[1], eval_loader, rt, preprocess)
         return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
 
     task = TrainTask(
