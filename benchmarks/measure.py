@@ -255,6 +255,8 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     def timed_pretrain_views(*args, **kwargs):
         source, make_views = original_pretrain_views(*args, **kwargs)
+        if not time_phases:
+            return _TimedSource(source, timer), make_views
         before, after = _phase_hooks(timer, "augment", device)
 
         def timed_views(batch, generator):
@@ -264,8 +266,12 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
             return views
         return _TimedSource(source, timer), timed_views
 
+    # Phase edges wait for the device: free on the CPU, but on a GPU they would stall its queue
+    # and understate our loop, so there only the data wait is timed.
+    time_phases = device.type == "cpu"
     batches.pretrain_views = timed_pretrain_views
-    pretrain.prepare_model, stage_common.build_optimizer = timed_prepare_model, timed_build_optimizer
+    if time_phases:
+        pretrain.prepare_model, stage_common.build_optimizer = timed_prepare_model, timed_build_optimizer
     with tempfile.TemporaryDirectory() as tmp, _memory_sampler(spec) as mem:
         cfg = _config(spec, _data_dir(E2E_MODELS[spec["model"]]["dataset"], Path(tmp)), Path(tmp) / "run")
         pretrain.run(cfg)
