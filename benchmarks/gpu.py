@@ -11,7 +11,8 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
 2. ``resnet50_224``: ResNet-50 at 224 px, two views of every image made on the GPU by
    ``SimCLRAugment`` from uint8 images already on the GPU (256 px), bf16 autocast,
    channels-last, NT-Xent, LARS: source images/s and views/s; also the step's phases alone
-   (augmentation, forward + backward, optimiser).
+   (augmentation, forward + backward, optimiser), and (``resnet50_224_profile``) each kernel's
+   share of the device time in three eager steps.
 3. ``resnet18_cifar``: ResNet-18 with the CIFAR stem at 32 px, batch 512 (1024 views): seconds
    per 50 000-image epoch, extrapolated from timed steps.
 4. ``resume``: ``simclrv2 pretrain`` itself on the device (tiny model, synthetic Fashion-MNIST
@@ -136,6 +137,31 @@ class Trainer:
         loss = self.forward_backward(self.views(images))
         self.optimizer.step()
         return loss
+
+
+def kernel_profile(spec: dict[str, Any], batch: int, device: torch.device, steps: int = 3) -> dict[str, Any]:
+    """Share of the device time per kernel (top 12) over ``steps`` eager training steps, from
+    ``torch.profiler``; the table also goes to ``$OUT/profile_resnet50.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = {k: v for k, v in spec.items() if k in ("depth", "width", "cifar_stem", "image_size", "dtype", "blur")}
+    trainer = Trainer(device=device, channels_last=True, **model)
+    images = synthetic_uint8(batch, spec["source_size"], device)
+    for _ in range(2):
+        trainer.step(images)
+    sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            trainer.step(images)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in rows) or 1.0
+    if os.environ.get("OUT"):
+        table = prof.key_averages().table(sort_by=attr, row_limit=30, max_name_column_width=90)
+        (Path(os.environ["OUT"]) / "profile_resnet50.txt").write_text(table)
+    return {"batch": batch, "steps": steps, "top": [[e.key[:90], round(getattr(e, attr) / total, 4)] for e in rows[:12]]}
 
 
 def with_oom_retry(fn: Callable[[int], dict], batch: int, minimum: int, simulate_oom: bool = False) -> dict:
@@ -483,6 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         b50, b18, min_batch = 256, 512, 16
     section("resnet50_224", 40, lambda: with_oom_retry(lambda b: throughput(batch=b, **r50), b50, min_batch,
                                                         simulate_oom=dry), cap_s=120)
+    section("resnet50_224_profile", 30, lambda: kernel_profile(
+        r50, summary.get("resnet50_224", {}).get("batch", b50), device), cap_s=60)
 
     def cifar() -> dict[str, Any]:
         result = with_oom_retry(lambda b: throughput(batch=b, **r18), b18, min_batch)

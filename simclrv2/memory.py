@@ -44,6 +44,11 @@ def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
         buf.copy_(s_buffers[name])
 
 
+def _forget_counters(queue: "FeatureQueue", incompatible_keys: object) -> None:
+    """After ``load_state_dict``: the host copies are re-read from the loaded buffers."""
+    queue._counters = None
+
+
 class FeatureQueue(nn.Module):
     """FIFO of the ``size`` most recent keys, each a ``dim`` vector, kept in the state dict.
 
@@ -68,7 +73,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         # Host copies of (ptr, num_filled): reading a GPU buffer waits for the GPU's queued work.
         self._counters: Optional[tuple[int, int]] = (0, 0)
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_counters", None))
+        self.register_load_state_dict_post_hook(_forget_counters)
 
     @property
     def size(self) -> int:

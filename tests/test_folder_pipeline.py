@@ -94,6 +94,12 @@ def test_pretraining_views_put_the_first_views_first_then_the_second(tmp_path, k
     source_levels = source.float().flatten(1).mean(1) * (255 if source.is_floating_point() else 1)
     assert set(source_levels.round().tolist()) < set(map(float, levels))
     torch.testing.assert_close(view_levels, torch.cat([source_levels, source_levels]), atol=0.5, rtol=0)
+    if kind != "tensor":  # folder batches carry two crops per image: crop 0 makes view 1, crop 1 view 2
+        crops = torch.stack([torch.full((3, 3, 16, 16), 40), torch.full((3, 3, 16, 16), 200)], dim=1)
+        crops = crops.to(torch.uint8) if kind == "folder" else crops / 255.0
+        views = make_views((crops, None), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(views.mean(dim=(1, 2, 3)) * 255, torch.tensor([40.0] * 3 + [200.0] * 3),
+                                   atol=0.5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [24, 40])

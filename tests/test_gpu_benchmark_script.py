@@ -76,3 +76,12 @@ def test_stages_section_runs_every_command_and_checks_their_outputs():
     for stages in out["report_top1"].values():
         assert set(stages) >= {"baseline", "linear_eval", "finetuned", "distilled"}
         assert all(0 <= top1 <= 100 for top1 in stages.values())
+
+
+def test_kernel_profile_reports_shares_of_the_device_time():
+    spec = dict(depth=18, width=0.125, cifar_stem=True, image_size=16, source_size=20, dtype=None, blur=False)
+    out = gpu.kernel_profile(spec, batch=4, device=torch.device("cpu"), steps=1)
+    shares = [share for _, share in out["top"]]
+    assert 0 < len(shares) <= 12 and shares == sorted(shares, reverse=True)
+    assert all(0 <= share <= 1 for share in shares) and sum(shares) <= 1.0001
+    assert any("convolution" in name for name, _ in out["top"])

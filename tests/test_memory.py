@@ -122,3 +122,14 @@ def test_ema_extremes_and_errors():
         ema_update_(target, source, decay=1.5)
     with pytest.raises(ValueError, match="different parameters"):
         ema_update_(nn.Linear(2, 2), source, decay=0.9)
+
+
+def test_queue_pickles_and_keeps_its_counters():
+    import pickle
+
+    q = FeatureQueue(size=4, dim=2)
+    q.enqueue(torch.ones(3, 2))
+    copy = pickle.loads(pickle.dumps(q))  # torch.save of a whole module pickles it
+    assert copy.filled().shape == (3, 2)
+    copy.enqueue(torch.zeros(2, 2))
+    assert int(copy.ptr) == 1 and copy.filled().shape == (4, 2)

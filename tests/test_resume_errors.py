@@ -224,7 +224,10 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
-        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), current, dtype=torch.uint8))
+        def state_of(device="cuda"):  # "cuda" is the current GPU; the state's bytes name the GPU
+            index = torch.device(device).index
+            return torch.full((16,), current if index is None else index, dtype=torch.uint8)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", state_of)
         monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set_to.append(state))
 
 
@@ -245,6 +248,10 @@ def test_cuda_random_state_restores_on_fewer_gpus_than_were_visible(monkeypatch)
     fake = _FakeCuda(monkeypatch, current=3)
     restore_rng({**cpu_state, "cuda": per_gpu[:2]})  # saved with 2 GPUs visible, resumed on GPU 3: skipped
     assert fake.set_to == []
+    fake = _FakeCuda(monkeypatch, current=0, initialized=False)  # a CPU run on a GPU machine
+    restore_rng({**cpu_state, "cuda": per_gpu})
+    restore_rng({**cpu_state, "cuda": per_gpu[0]})
+    assert fake.set_to == []
 
 
 def test_augmentation_generator_from_another_device_type_is_reseeded_with_a_warning():
@@ -264,3 +271,12 @@ def test_augmentation_generator_from_another_device_type_is_reseeded_with_a_warn
     cuda_like = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state is 16 bytes (seed, offset)
     assert torch.equal(draws_after_loading(cuda_like), draws_after_loading(cuda_like.clone()))
     assert not torch.equal(draws_after_loading(cuda_like), draws_after_loading(cuda_like.flip(0)))
+
+
+def test_nonfinite_and_stop_flags_read_from_scalar_or_one_element_losses():
+    from simclrv2.engine.trainer import _agree
+
+    rt = Runtime(torch.device("cpu"), None, False, 0, 1)
+    assert _agree(torch.tensor(float("nan")), False, rt) == (True, False)
+    assert _agree(torch.tensor([2.5]), True, rt) == (False, True)  # shape (1,), as some losses come
+    assert _agree(torch.tensor([float("inf")], requires_grad=True), True, rt) == (True, True)

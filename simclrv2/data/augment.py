@@ -466,7 +466,7 @@ class SimCLRAugment:
     ``__call__(images, generator)`` takes (N, C, H, W) uint8 or float in [0, 1] (C = 1 or 3) on
     any device and returns float32 (N, 3, S, S) in [0, 1] on that device. Random parameters are
     drawn from ``generator`` (on its device; the default CPU generator when None), so the same
-    seed gives the same views. Call it twice for the two views.
+    seed gives the same views. :meth:`views` makes several views of each image in one call.
 
     ``color_jitter_strength`` is s; ``use_blur`` should be False at 32 px or less (official
     CIFAR setting). ``interpolation`` is ``"bicubic"`` (official) or ``"bilinear"`` (faster on

@@ -215,7 +215,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    # Only in runs that use the GPU (no CUDA context is made just for this).
+    cuda = state.get("cuda") if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible then
         index = torch.cuda.current_device()
         cuda = cuda[index] if index < len(cuda) else None

@@ -76,7 +76,8 @@ def pick_device(name: str, local_rank: int, world: int = 1) -> torch.device:
                               "(each process takes GPU LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose GPUs")
         if device.index >= torch.cuda.device_count():
             raise ConfigError(f"{device} does not exist: {torch.cuda.device_count()} GPU(s) are visible; "
-                              "launch at most that many processes per node (torchrun --nproc_per_node)")
+                              "launch at most that many processes per node (torchrun --nproc_per_node), "
+                              "or use --device cpu")
     elif device.type != "cpu":
         raise ConfigError(f"--device {name}: unsupported; use auto, cpu, cuda or cuda:N")
     return device

@@ -121,7 +121,8 @@ class _StopFlag:
 def _agree(loss: torch.Tensor, stopping: bool, rt: Runtime) -> tuple[bool, bool]:
     """(loss non-finite, stop requested), each OR-ed over all ranks so that every rank takes the
     same branch. Built on the loss's device and read once: the step's only wait for the GPU."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_full((), float(stopping))])
+    loss = loss.detach().reshape(())
+    flags = torch.stack([(~torch.isfinite(loss)).float(), loss.new_full((), float(stopping))])
     if rt.world_size > 1:
         torch.distributed.all_reduce(flags)
     nonfinite, stop = flags.tolist()
