@@ -8,8 +8,6 @@ buffered keys. The official TF2 code has neither; the loss using them is
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -44,9 +42,9 @@ def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
         buf.copy_(s_buffers[name])
 
 
-def _forget_counters(queue: "FeatureQueue", incompatible_keys: object) -> None:
-    """After ``load_state_dict``: the host copies are re-read from the loaded buffers."""
-    queue._counters = None
+def _read_counters(queue: "FeatureQueue", incompatible_keys: object) -> None:
+    """Host copies of the counter buffers, taken after ``load_state_dict``."""
+    queue.counters = (int(queue.ptr), int(queue.num_filled))
 
 
 class FeatureQueue(nn.Module):
@@ -72,8 +70,8 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         # Host copies of (ptr, num_filled): reading a GPU buffer waits for the GPU's queued work.
-        self._counters: Optional[tuple[int, int]] = (0, 0)
-        self.register_load_state_dict_post_hook(_forget_counters)
+        self.counters: tuple[int, int] = (0, 0)
+        self.register_load_state_dict_post_hook(_read_counters)
 
     @property
     def size(self) -> int:
@@ -83,14 +81,9 @@ class FeatureQueue(nn.Module):
     def dim(self) -> int:
         return self.keys.shape[1]
 
-    def _read_counters(self) -> tuple[int, int]:
-        if self._counters is None:  # after load_state_dict: read the buffers once
-            self._counters = (int(self.ptr), int(self.num_filled))
-        return self._counters
-
     def filled(self) -> torch.Tensor:
         """The entries written so far (all ``size`` rows once the queue has wrapped)."""
-        return self.keys[: self._read_counters()[1]]
+        return self.keys[: self.counters[1]]
 
     @torch.no_grad()
     def enqueue(self, new_keys: torch.Tensor, gather: bool = False) -> None:
@@ -108,10 +101,10 @@ class FeatureQueue(nn.Module):
         if n == 0:
             return
         kept = new_keys[-self.size:].detach().to(self.keys.dtype)
-        ptr, num_filled = self._read_counters()
+        ptr, num_filled = self.counters
         start = ptr + n - kept.shape[0]
         idx = (start + torch.arange(kept.shape[0], device=self.keys.device)) % self.size
         self.keys[idx] = kept.to(self.keys.device)
-        self._counters = ((ptr + n) % self.size, min(self.size, num_filled + n))
-        self.ptr.fill_(self._counters[0])
-        self.num_filled.fill_(self._counters[1])
+        self.counters = ((ptr + n) % self.size, min(self.size, num_filled + n))
+        self.ptr.fill_(self.counters[0])
+        self.num_filled.fill_(self.counters[1])

@@ -38,7 +38,7 @@ from simclrv2 import cli
 from simclrv2 import distributed as D
 from simclrv2.data import batches as B
 from simclrv2.data.datasets import TensorImageDataset
-from simclrv2.engine.evaluation import evaluate_classifier, topk_correct
+from simclrv2.engine.evaluation import evaluate_classifier, topk_hits
 from simclrv2.config import ConfigError, OptimConfig, RuntimeConfig
 from simclrv2.engine.runtime import (Runtime, pick_device, pick_dtype, cpu_supports_bf16, prepare_model,
                                      setup_runtime, to_device_images, unwrap)
@@ -198,7 +198,7 @@ def _eval_case(net: nn.Module, rt: Runtime) -> dict:
                      B.eval_batches(dataset, EVAL_BATCH, rt.rank, rt.world_size, rt.device)])
     with torch.no_grad():  # every example on this rank, unsharded: the expected counts
         logits = net(to_device_images(preprocess(dataset.images), rt))[1]
-    top1, top5 = topk_correct(logits, dataset.labels)
+    top1, top5 = topk_hits(logits, dataset.labels).tolist()
     return {"result": result, "ids": D.all_gather_variable(ids), "local_ids": ids,
             "expected": (100.0 * top1 / EVAL_SIZE, 100.0 * top5 / EVAL_SIZE)}
 

@@ -20,11 +20,6 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = 
     return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """:func:`topk_hits` as Python ints."""
-    return topk_hits(logits, labels, ks).tolist()
-
-
 @torch.no_grad()
 def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
                         rt: Runtime, preprocess: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
