@@ -6,11 +6,13 @@ command-line interface, exactly as a user would.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import simclrv2
 from simclrv2.cli import main
 from simclrv2.engine.checkpoint import load_checkpoint
 from simclrv2.engine.logging import read_metrics
@@ -155,6 +157,19 @@ def test_pretrain_with_memory_queue(data_dir: Path, tmp_path: Path) -> None:
     online = ckpt["model"]
     assert set(momentum) == set(online)
     assert not torch.equal(momentum["encoder.stem.conv1.weight"], online["encoder.stem.conv1.weight"])
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_pretraining_saves_a_plain_model(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "compiled"
+    _run("pretrain", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_MODEL, *FAST, "--compile", "true",
+         "--train-batch-size", "32", "--train-steps", "2")
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 2 and not any("_orig_mod" in key for key in ckpt["model"])  # the wrapper is not saved
+    model = simclrv2.load(str(run_dir))
+    assert set(model.state_dict()) == set(ckpt["model"])
+    assert all(r["loss"] == r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step")
 
 
 def test_pipeline_report(data_dir: Path, tmp_path: Path) -> None:
