@@ -409,6 +409,7 @@ def stages_check(device: torch.device) -> dict[str, Any]:
 
     import simclrv2
     from simclrv2.cli import main as cli
+    from simclrv2.engine.checkpoint import load_checkpoint
     from simclrv2.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -443,8 +444,7 @@ def stages_check(device: torch.device) -> dict[str, Any]:
                     "--train-batch-size", "32", "--train-steps", "4", "--precision", "fp16", "--checkpoint-steps", "2"]
             codes["pretrain_fp16_stopped"] = cli([*fp16, "--max-steps", "2"])
             codes["pretrain_fp16_resumed"] = cli(fp16)
-            saved = torch.load(root / "fp16" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-            out["fp16_resumed_step"] = saved["step"]
+            out["fp16_resumed_step"] = load_checkpoint(root / "fp16" / "checkpoints" / "last.pt")["step"]
     out["exit_codes"] = codes
     out["ok"] = all(code == 0 for code in codes.values()) and "evaluate" in codes and (
         device.type != "cuda" or out.get("fp16_resumed_step") == 4) and (

@@ -29,6 +29,11 @@ from .loader import PRELOAD_MAX_BYTES, FileLoader, make_loader, shard_indices
 ViewMaker = Callable[[Any, torch.Generator], Tensor]
 
 
+def _first_then_second(pairs: Tensor) -> Tensor:
+    """(B, 2, ...) per-image pairs as (2B, ...): every image's first, then every image's second."""
+    return pairs.transpose(0, 1).flatten(0, 1)
+
+
 def native_image_size(dataset: Any) -> int:
     """Side length of the dataset's images (in-memory sets) or its decode size (folders)."""
     return int(dataset.image_size)
@@ -67,7 +72,7 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
         def make_views(batch: Any, generator: torch.Generator) -> Tensor:
             images = batch[0]
             if folder:  # both crops in one call, as SimCLRAugment.views does
-                return augment(images.transpose(0, 1).flatten(0, 1), generator)
+                return augment(_first_then_second(images), generator)
             return augment.views(images, 2, generator)
         return train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers), make_views
     if kind == "torchvision":
@@ -79,7 +84,7 @@ def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: in
                             world_size=world_size, num_workers=num_workers, device=device)
 
         def pil_views(batch: Any, generator: torch.Generator) -> Tensor:
-            return batch[0].transpose(0, 1).flatten(0, 1)
+            return _first_then_second(batch[0])
         return source, pil_views
     raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
 

@@ -119,6 +119,15 @@ def default_threads() -> int:
     return max(1, cores // max(local, 1))
 
 
+def join_process_group(device_name: str) -> tuple[torch.device, int, int]:
+    """``(device, rank, world)`` of this process; under torchrun it joins the process group on
+    that device (a second call returns the existing group's values)."""
+    _, local_rank, world = dist.launch_env()
+    device = pick_device(device_name, local_rank, world)
+    rank, _, world = dist.init_distributed(device)
+    return device, rank, world
+
+
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     """Join the process group (under torchrun), set threads, seeds, device and precision.
 
@@ -126,9 +135,7 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     (NCCL) or, on CPUs, a share of the cores (gloo). Seeds differ per rank (``seed + rank``) so
     ranks draw different augmentations; DDP makes the initial weights identical.
     """
-    _, local_rank, world = dist.launch_env()
-    device = pick_device(cfg.device, local_rank, world)
-    rank, _, world = dist.init_distributed(device)
+    device, rank, world = join_process_group(cfg.device)
     torch.set_num_threads(cfg.num_threads or default_threads())
     if device.type == "cuda":
         torch.cuda.set_device(device)

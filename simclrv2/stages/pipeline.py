@@ -18,7 +18,7 @@ from simclrv2 import distributed as D
 from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
 from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
-from simclrv2.engine.runtime import pick_device
+from simclrv2.engine.runtime import join_process_group
 from simclrv2.stages import distill, finetune, linear_eval, pretrain
 
 STAGE_KEYS = ("baseline", "linear_eval", "finetuned", "distilled")
@@ -54,8 +54,7 @@ def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage and write the report; returns the report dict."""
     start = time.perf_counter()
-    _, local_rank, world = D.launch_env()  # under torchrun: one process group for all stages; rank 0 writes
-    D.init_distributed(pick_device(cfg.runtime.device, local_rank, world))
+    join_process_group(cfg.runtime.device)  # under torchrun: one process group for all stages; rank 0 writes
     if cfg.runtime.run_dir is None:
         cfg.runtime.run_dir = str(Path("runs") / f"pipeline-{D.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))}")
         if D.is_main():
