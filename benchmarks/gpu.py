@@ -6,12 +6,13 @@ Sections (each guarded: an error or the clock skips it, the rest still runs):
 
 1. ``correctness``: NT-Xent (loss and gradient) and one full training step (model, NT-Xent,
    LARS) agree between CUDA and the CPU; the augmentation runs on CUDA, returns float32 in
-   [0, 1], and matches the CPU for the same random parameters; one fp16 autocast +
-   ``GradScaler`` step is finite and updates the weights.
+   [0, 1], and matches the CPU for the same random parameters (sent from the host or already
+   on the device); making the views never waits for the GPU (CUDA's sync debug mode); one
+   fp16 autocast + ``GradScaler`` step is finite and updates the weights.
 2. ``resnet50_224``: ResNet-50 at 224 px, two views of every image made on the GPU by
    ``SimCLRAugment`` from uint8 images already on the GPU (256 px), bf16 autocast,
    channels-last, NT-Xent, LARS: source images/s and views/s; also the step's phases alone
-   (augmentation, forward + backward, optimiser), and (``resnet50_224_profile``) each kernel's
+   (augmentation, forward + backward, optimiser), the host's time to queue the views, and (``resnet50_224_profile``) each kernel's
    share of the device time in three eager steps.
 3. ``resnet18_cifar``: ResNet-18 with the CIFAR stem at 32 px, batch 512 (1024 views): seconds
    per 50 000-image epoch, extrapolated from timed steps.
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from simclrv2.data.augment import SimCLRAugment  # noqa: E402
+from simclrv2.data.augment import SimCLRAugment, finetune_augment  # noqa: E402
 from simclrv2.losses import nt_xent  # noqa: E402
 from simclrv2.models import build_simclrv2_model  # noqa: E402
 from simclrv2.optim import LARS, lars_param_groups  # noqa: E402
@@ -117,7 +118,7 @@ class Trainer:
         self.optimizer = LARS(lars_param_groups(self.model, 1e-6), lr=0.3, momentum=0.9, weight_decay=1e-6)
         self.net = torch.compile(self.model) if compile_model else self.model
         self.augment = SimCLRAugment(image_size, color_jitter_strength=1.0, use_blur=blur)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the host, as the stages draw them
         self.temperature = temperature
         self.model.train()
 
@@ -220,17 +221,55 @@ def throughput(depth: int, width: float, cifar_stem: bool, image_size: int, sour
         sync(device)
         return (time.perf_counter() - t0) / steps
     aug_s = seconds_each(lambda: trainer.views(images))
+    enqueue_s = host_seconds_each(lambda: trainer.views(images), device, steps)
     model_s = seconds_each(lambda: trainer.forward_backward(views))
     optimizer_s = seconds_each(trainer.optimizer.step)
     out = {"batch": batch, "views_per_step": 2 * batch, "image_size": image_size, "source_size": source_size,
            "s_per_step": step_s, "images_per_s": batch / step_s, "views_per_s": 2 * batch / step_s,
            "augment_s_per_step": aug_s, "augment_fraction": aug_s / step_s,
-           "augment_images_per_s": batch / aug_s, "forward_backward_s_per_step": model_s,
+           "augment_images_per_s": batch / aug_s, "augment_host_enqueue_s": enqueue_s,
+           "forward_backward_s_per_step": model_s,
            "optimizer_s_per_step": optimizer_s, "warmup_s": warm_s, "timed_steps": steps,
            "final_loss": float(loss), "loss_finite": bool(torch.isfinite(loss))}
     if device.type == "cuda":
         out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def host_seconds_each(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Mean seconds until ``fn`` returns, started on an idle device each time: the host's cost to
+    queue it, which the device can hide only if ``fn`` never waits for it."""
+    total = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    sync(device)
+    return total / repeats
+
+
+def views_wait_for_device(device: torch.device) -> dict[str, Any]:
+    """Whether the pretraining views and the fine-tuning crops (host generator, as in the
+    stages) make the host wait for the GPU, caught by CUDA's synchronisation debug mode. cuDNN's
+    benchmark mode is off meanwhile: its search for a new blur shape is a wait of cuDNN's own."""
+    if device.type != "cuda":
+        return {"ok": True, "checked": False}
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        trainer = Trainer(18, 0.25, True, 32, device, None, True, True)
+        crops = finetune_augment(32)
+        images = synthetic_uint8(64, 40, device)
+        trainer.views(images), crops(images, trainer.generator)
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        trainer.views(images), crops(images, trainer.generator)
+        return {"ok": True, "checked": True}
+    except RuntimeError as error:
+        return {"ok": False, "checked": True, "error": str(error).splitlines()[0]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.backends.cudnn.benchmark = benchmark
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +337,16 @@ def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
         params = aug.sample_params(32, source, source, torch.Generator().manual_seed(size))
         on_cpu = aug.apply(src, params)
         on_dev = aug.apply(src.to(device), params.to(device))
+        host_params = aug.apply(src.to(device), params)  # the stages' path: parameters sent from the host
         random_dev = aug(src.to(device), torch.Generator(device=device).manual_seed(0))
         sync(device)
         row = {"dtype": str(on_dev.dtype), "shape": list(on_dev.shape), "min": float(random_dev.min()),
                "max": float(random_dev.max()), "max_diff_vs_cpu": _max_diff(on_cpu, on_dev),
+               "host_params_max_diff_vs_cpu": _max_diff(on_cpu, host_params),
                "mean_abs_diff_vs_cpu": float((on_cpu.double() - on_dev.cpu().double()).abs().mean())}
         row["ok"] = (on_dev.dtype == torch.float32 and on_dev.device.type == device.type
-                     and row["min"] >= 0.0 and row["max"] <= 1.0 and row["max_diff_vs_cpu"] < 1e-3)
+                     and row["min"] >= 0.0 and row["max"] <= 1.0 and row["max_diff_vs_cpu"] < 1e-3
+                     and row["host_params_max_diff_vs_cpu"] < 1e-3)
         out[f"augment_{size}"] = row
 
     # The pretraining loop makes its views inside the step's autocast region: the augmentation
@@ -344,6 +386,7 @@ def _compare_with_cpu(device: torch.device, dry_run: bool) -> dict[str, Any]:
     out["fp16_grad_scaler"] = {"losses": losses, "scale": float(scaler.get_scale()), "steps": len(losses),
                                "params_changed": changed, "params_total": len(before)}
     out["fp16_grad_scaler"]["ok"] = all(map(math.isfinite, losses)) and changed > 0
+    out["views_never_wait_for_device"] = views_wait_for_device(device)
     out["all_ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
     return out
 
@@ -364,7 +407,7 @@ def folder_pipeline(device: torch.device, dry_run: bool) -> dict[str, Any]:
     root = common.write_synthetic_jpeg_folder(Path(tempfile.gettempdir()), images)
     source, make_views = B.pretrain_views("batched", ImageFolderDataset(root, size), batch, 0, 0, 1, device, size,
                                           1.0, True)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     timer = common.StepTimer()
     timer.run(source, 3 * workers, lambda batch_data: (make_views(batch_data, generator), sync(device)))
     result = timer.summary(workers, batch)

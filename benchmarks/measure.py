@@ -80,7 +80,7 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
     with _memory_sampler(spec) as mem:
         images = torch.from_numpy(common.synthetic_images(spec["num_images"], size)).to(device)
         augment = SimCLRAugment(size, color_jitter_strength=spec["strength"], use_blur=size > 32)
-        generator = torch.Generator(device=device).manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # on the host, as the stages draw them
         picker = torch.Generator().manual_seed(1)
         times = []
         for _ in range(spec["warmup"] + spec["batches"]):
@@ -137,7 +137,7 @@ def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
         dataset = ImageFolderDataset(root, size)
         source, make_views = B.pretrain_views("batched", dataset, batch, 0, 0, 1, device, size, spec["strength"],
                                               True, spec.get("workers"))
-        generator = torch.Generator(device=device).manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # on the host, as the stages draw them
         shapes = []
 
         def step(images) -> None:

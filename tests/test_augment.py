@@ -424,6 +424,72 @@ def test_torchvision_pipeline_and_views_dataset():
     assert 0 <= views.min() and views.max() <= 1
 
 
+def test_parameters_and_index_subsets_travel_as_one_buffer():
+    """What the device needs goes over in one copy whose views keep every dtype, shape and value
+    (odd sizes and empty subsets included)."""
+    aug = SimCLRAugment(24, use_blur=True, blur_p=0.0)
+    params = aug.sample_params(37, 30, 30, torch.Generator().manual_seed(0))
+    plan = A.schedule(params)
+    assert plan[2].numel() == 0
+    moved, moved_plan = A._send(params, plan, torch.device("cpu"))
+    for field in A.fields(params):
+        before, after = getattr(params, field.name), getattr(moved, field.name)
+        assert after.dtype == before.dtype and torch.equal(after, before), field.name
+    flat = [t for step in plan[0] for t in step] + [plan[1], plan[2]]
+    flat_moved = [t for step in moved_plan[0] for t in step] + [moved_plan[1], moved_plan[2]]
+    assert len(moved_plan[0]) == 4 and all(len(step) == 4 for step in moved_plan[0])
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(flat, flat_moved))
+    storages = {t.untyped_storage().data_ptr() for t in flat_moved + [getattr(moved, f.name) for f in A.fields(moved)]}
+    assert len(storages) == 1
+
+
+def test_host_parameters_reach_another_device_in_one_copy():
+    """A batch on another device (``meta`` here, standing in for a GPU) with parameters drawn on
+    the host: one host-to-device copy per call, no other, and views of the right shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostToDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.device.type == "meta" and any(
+                    isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
+                self.copies.append((out.dtype, tuple(out.shape)))
+            return out
+
+    aug = SimCLRAugment(24, use_blur=True)
+    apply = SimCLRAugment.apply.__wrapped__  # autocast has no meta device
+    images = _colourful(37, 30).to("meta")
+    generator = torch.Generator().manual_seed(1)
+    apply(aug, images, aug.sample_params(37, 30, 30, generator))  # caches the grey weights there
+    for _ in range(2):
+        params = aug.sample_params(37, 30, 30, generator)
+        with HostToDevice() as mode:
+            out = apply(aug, images, params)
+        assert out.shape == (37, 3, 24, 24) and out.dtype == torch.float32 and out.device.type == "meta"
+        assert len(mode.copies) == 1 and mode.copies[0][0] == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_views_from_a_host_generator_never_wait_for_the_gpu():
+    x = _colourful(64, 40).cuda()
+    aug = SimCLRAugment(36, use_blur=True)
+    generator = torch.Generator().manual_seed(0)
+    aug.views(x, 2, generator)  # first call: caches, cuDNN set-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views = aug.views(x, 2, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert views.is_cuda and views.shape == (128, 3, 36, 36)
+    on_gpu = aug.views(x, 2, torch.Generator().manual_seed(0))
+    on_cpu = aug.views(x.cpu(), 2, torch.Generator().manual_seed(0))
+    assert (on_gpu.cpu() - on_cpu).abs().max() < 5e-3  # the same seed, the same views on CPU and GPU
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_cuda_matches_cpu(interpolation):

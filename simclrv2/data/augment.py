@@ -27,7 +27,10 @@ official bicubic kernel for TensorFlow's bilinear one (faster on CPU).
 
 Speed: each op runs once on the whole batch or, for per-image choices (which colour op at
 which step, grayscale, blur), on the index subset of images that need it, found with one sort
-and one host-device synchronisation per view. The bicubic resize is two batched matrix
+where the parameters were drawn. The stages draw them on the host, so a batch on a GPU is
+augmented without waiting for the GPU: its parameters and index subsets go over in one
+non-blocking copy, and the host can queue the views while the GPU still runs the previous
+step. The bicubic resize is two batched matrix
 products with per-image interpolation matrices, the bilinear one two 1-D ``grid_sample``
 passes; HSV hue and saturation are closed-form (no HSV round trip, no ``torch.where``). On
 CPU the batch is processed in cache-sized chunks, and uint8 batches go through the fused Numba
@@ -377,10 +380,13 @@ def color_jitter(x: Tensor, params: AugmentParams) -> Tensor:
     return _color_jitter_(x.clone(), params, schedule(params)[0])
 
 
-def schedule(params: AugmentParams) -> tuple[list[list[Tensor]], Tensor, Tensor]:
+Plan = tuple[list[list[Tensor]], Tensor, Tensor]
+
+
+def schedule(params: AugmentParams) -> Plan:
     """Index subsets for the batch: ``jitter[step][op]`` (images doing colour op ``op`` at
-    ``step``), ``grayscale`` and ``blur``. Found with one sort and a single host-device
-    synchronisation for the whole view, rather than one per subset."""
+    ``step``), ``grayscale`` and ``blur``. Found with one sort and one read of the counts, on
+    the parameters' device: free on the host, a wait for the queued work on a GPU."""
     jitter_codes = torch.where(params.jitter[:, None], params.order, len(_OPS))  # 4 = not jittered
     skip = len(_OPS)
     codes = torch.cat([jitter_codes, torch.where(params.grayscale, 0, skip)[:, None],
@@ -392,6 +398,30 @@ def schedule(params: AugmentParams) -> tuple[list[list[Tensor]], Tensor, Tensor]
         starts = [sum(col_counts[:j]) for j in range(skip + 1)]
         subsets.append([order[starts[j]:starts[j] + col_counts[j], k] for j in range(skip)])
     return subsets[:4], subsets[4][0], subsets[5][0]
+
+
+def _send(params: AugmentParams, plan: Optional[Plan], device: torch.device) -> tuple[AugmentParams, Optional[Plan]]:
+    """``params`` and ``plan`` on ``device`` in a single host-to-device copy, from pinned memory
+    and non-blocking on CUDA, so the host does not wait for the GPU's queued work (a blocking
+    copy would, once per tensor). The tensors are packed as bytes, each at an 8-byte offset,
+    and come back as views of the one device buffer."""
+    plan_tensors = [] if plan is None else [t for step in plan[0] for t in step] + [plan[1], plan[2]]
+    host = [getattr(params, f.name) for f in fields(params)] + plan_tensors
+    sizes = [t.numel() * t.element_size() for t in host]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + -(-size // 8) * 8)
+    packed = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for t, size, start in zip(host, sizes, offsets):
+        packed[start:start + size].view(t.dtype).copy_(t.detach().reshape(-1))
+    packed = packed.to(device, non_blocking=True)
+    moved = [packed[start:start + size].view(t.dtype).view(t.shape) for t, size, start in zip(host, sizes, offsets)]
+    num_fields = len(fields(params))
+    params = AugmentParams(*moved[:num_fields])
+    if plan is None:
+        return params, None
+    jitter = iter(moved[num_fields:-2])
+    return params, ([[next(jitter) for _ in step] for step in plan[0]], moved[-2], moved[-1])
 
 
 def _color_jitter_(x: Tensor, params: AugmentParams, subsets: list[list[Tensor]]) -> Tensor:
@@ -466,7 +496,9 @@ class SimCLRAugment:
     ``__call__(images, generator)`` takes (N, C, H, W) uint8 or float in [0, 1] (C = 1 or 3) on
     any device and returns float32 (N, 3, S, S) in [0, 1] on that device. Random parameters are
     drawn from ``generator`` (on its device; the default CPU generator when None), so the same
-    seed gives the same views. :meth:`views` makes several views of each image in one call.
+    seed gives the same views. A CPU generator suits every device: the same seed then gives the
+    same views on CPU and GPU, and a GPU batch is augmented without waiting for the GPU.
+    :meth:`views` makes several views of each image in one call.
 
     ``color_jitter_strength`` is s; ``use_blur`` should be False at 32 px or less (official
     CIFAR setting). ``interpolation`` is ``"bicubic"`` (official) or ``"bilinear"`` (faster on
@@ -547,7 +579,6 @@ class SimCLRAugment:
         if self.fused and images.device.type == "cpu" and images.dtype == torch.uint8:
             return self._apply_fused(images, params.to(images.device))
         images = _as_rgb(images)
-        params = params.to(images.device)
         n = images.shape[0]
         pixels = max(images.shape[2] * images.shape[3], self.image_size**2)
         chunk = self.chunk_size or (max(1, CPU_CHUNK_PIXELS // pixels) if images.device.type == "cpu" else n)
@@ -559,10 +590,14 @@ class SimCLRAugment:
         return out
 
     def _apply(self, images: Tensor, params: AugmentParams) -> Tensor:
+        colour_or_blur = self.color or (self.use_blur and self.blur_radius > 0)
+        plan = schedule(params) if colour_or_blur else None
+        if params.boxes.device != images.device:
+            params, plan = _send(params, plan, images.device)
         x = resize_boxes(images, params.boxes, self.image_size, params.flip, self.interpolation)
-        if not (self.color or (self.use_blur and self.blur_radius > 0)):  # crop and flip only (fine-tuning)
+        if plan is None:  # crop and flip only (fine-tuning)
             return x.clamp_(0.0, 1.0)
-        jitter, gray, blur = schedule(params)
+        jitter, gray, blur = plan
         if self.color:
             x = _color_jitter_(x, params, jitter)
             if gray.numel():
@@ -597,7 +632,7 @@ class SimCLRAugment:
     def views(self, images: Tensor, num_views: int = 2, generator: Optional[torch.Generator] = None) -> Tensor:
         """``num_views`` independent views of the (N, C, H, W) batch (the paper uses 2), stacked:
         view ``v`` of image ``i`` is row ``v * N + i``. Made in one call, so the fixed cost of
-        a call (hundreds of small ops, one host-device synchronisation) is paid once."""
+        a call (hundreds of small ops) is paid once."""
         return self(images.repeat(num_views, 1, 1, 1), generator)
 
 

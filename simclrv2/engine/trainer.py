@@ -62,7 +62,8 @@ class GeneratorState:
         if saved.numel() == self.generator.get_state().numel():
             self.generator.set_state(saved)
             return
-        # CPU and CUDA generators keep differently sized states: the run changed device type.
+        # CPU and CUDA generators keep differently sized states: the checkpoint comes from a run
+        # that drew its augmentation on the GPU (the stages now draw on the host on every device).
         warnings.warn(f"the checkpoint's augmentation generator ran on another device type than this run's "
                       f"{self.generator.device.type}; it is reseeded from the saved state, so augmentations "
                       "differ from an uninterrupted run")

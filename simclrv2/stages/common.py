@@ -196,6 +196,13 @@ def describe_labels(labels_cfg: LabelConfig) -> str:
 # ----------------------------------------------------------------------------- optimisation
 
 
+def augment_generator(seed: int, rank: int) -> torch.Generator:
+    """The augmentation's random generator for this rank: on the host whatever the device, so
+    the same seed gives the same views on CPU and GPU, the parameters are drawn without GPU
+    launches, and the batched augmentation never waits for the GPU (``data.augment``)."""
+    return torch.Generator().manual_seed(seed * 1000 + rank)
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """LARS as the official code sets it up, or SGD-Nesterov / Adam (official ``build_optimizer``)."""
     groups = lars_param_groups(model, optim.weight_decay)

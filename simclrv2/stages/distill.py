@@ -99,7 +99,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         labelled_batches = B.StepBatches(B.crop_flip_inputs(labelled, image_size)[0],
                                          min(local_batch, len(labelled) // rt.world_size), cfg.runtime.seed + 1,
                                          rt.rank, rt.world_size, rt.device, cfg.data.num_workers)
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    generator = C.augment_generator(cfg.runtime.seed, rt.rank)
     tau, alpha = cfg.distill_temperature, cfg.distill_alpha
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:

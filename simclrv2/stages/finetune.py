@@ -69,7 +69,7 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     crops, augment = B.crop_flip_inputs(labelled, image_size)
     batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
                               rt.world_size, rt.device, cfg.data.num_workers)
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    generator = C.augment_generator(cfg.runtime.seed, rt.rank)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         images, labels = batch

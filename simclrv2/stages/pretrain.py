@@ -60,7 +60,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     batches, make_views = B.pretrain_views(
         cfg.data.augmentation, train_set, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
         rt.world_size, rt.device, image_size, cfg.data.color_jitter_strength, use_blur, cfg.data.num_workers)
-    generator = torch.Generator(device=rt.device).manual_seed(cfg.runtime.seed * 1000 + rt.rank)
+    generator = C.augment_generator(cfg.runtime.seed, rt.rank)
     stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
 
     momentum_net = queue = None
