@@ -91,6 +91,30 @@ def test_crop_boxes_valid_and_match_scalar_port(size):
     assert torch.allclose((w / h).quantile(levels), ref_aspect.quantile(levels), atol=0.03)
 
 
+@pytest.mark.parametrize("height, width", [(32, 32), (224, 224), (3, 40), (4, 100), (1, 1)])
+def test_crop_boxes_judging_later_attempts_only_where_needed_changes_nothing(height, width):
+    """The host judges the first attempts for every image and the rest only where those all fail;
+    the boxes are those of judging all 100 attempts of every image (3 x 40 images often find
+    their crop only after the first attempts, 4 x 100 images never find one)."""
+    n, attempts = 3000, 100
+    boxes = A.sample_crop_boxes(n, height, width, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    aspect = torch.rand(attempts, n, generator=g) * (4 / 3 - 3 / 4) + 3 / 4
+    u = torch.rand(attempts, n, generator=g)
+    h, w, found = A.first_valid_crop(aspect, u, height, width, (0.08, 1.0), 0.1)
+    h, w = torch.where(found, h, float(height)), torch.where(found, w, float(width))
+    offsets = torch.rand(2, n, generator=g)
+    y0 = torch.minimum(torch.floor(offsets[0] * (height - h)), (height - h - 1).clamp(min=0))
+    x0 = torch.minimum(torch.floor(offsets[1] * (width - w)), (width - w - 1).clamp(min=0))
+    assert torch.equal(boxes, torch.stack([y0, x0, h, w], dim=1).long())
+    later = ~A.first_valid_crop(aspect[:A.FIRST_CROP_ATTEMPTS], u[:A.FIRST_CROP_ATTEMPTS], height, width,
+                                (0.08, 1.0), 0.1)[2]
+    if (height, width) == (3, 40):
+        assert int((later & found).sum()) > 100
+    if (height, width) == (4, 100):
+        assert not found.any() and (boxes == torch.tensor([0, 0, 4, 100])).all()  # whole-image fallback
+
+
 @pytest.mark.parametrize("size", ["32", "224"])
 def test_crop_statistics_match_official(reference_dir, size):
     stats = json.loads((reference_dir / "augment_stats.json").read_text())

@@ -93,6 +93,9 @@ def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generato
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
+FIRST_CROP_ATTEMPTS = 8  # attempts judged for every image; the rest only where these all fail
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -111,6 +114,8 @@ def sample_crop_boxes(
     back to the whole image when none of ``max_attempts`` is valid. Arithmetic is float32 with
     round-half-to-even like the C++ kernel's ``lrintf``; as there, the offset is drawn from
     ``[0, size - crop - 1]`` (a crop never touches the bottom/right edge unless it spans it).
+    On the host only the first ``FIRST_CROP_ATTEMPTS`` are judged for every image, the rest for
+    the images these all fail (the same boxes, a fraction of the work).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -118,10 +123,31 @@ def sample_crop_boxes(
         raise ValueError(f"area_range must satisfy 0 < low <= high <= 1, got {area_range}")
     if not 0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
         raise ValueError(f"aspect_ratio_range must satisfy 0 < low <= high, got {aspect_ratio_range}")
-    f32 = torch.float32
     shape = (max_attempts, n)
     lo, hi = aspect_ratio_range
     aspect = torch.rand(shape, generator=generator, device=device) * (hi - lo) + lo
+    u = torch.rand(shape, generator=generator, device=device)
+    judge = functools.partial(first_valid_crop, height=height, width=width, area_range=area_range,
+                              min_object_covered=min_object_covered)
+    lazy = aspect.device.type == "cpu" and max_attempts > FIRST_CROP_ATTEMPTS
+    h, w, found = judge(aspect[:FIRST_CROP_ATTEMPTS], u[:FIRST_CROP_ATTEMPTS]) if lazy else judge(aspect, u)
+    if lazy and not bool(found.all()):
+        rest = (~found).nonzero()[:, 0]
+        h[rest], w[rest], found[rest] = judge(aspect[:, rest], u[:, rest])
+    h = torch.where(found, h, float(height))
+    w = torch.where(found, w, float(width))
+    offsets = torch.rand((2, n), generator=generator, device=device)
+    y0 = torch.minimum(torch.floor(offsets[0] * (height - h)), (height - h - 1).clamp(min=0))
+    x0 = torch.minimum(torch.floor(offsets[1] * (width - w)), (width - w - 1).clamp(min=0))
+    return torch.stack([y0, x0, h, w], dim=1).long()
+
+
+def first_valid_crop(aspect: Tensor, u: Tensor, height: int, width: int, area_range: tuple[float, float],
+                     min_object_covered: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Height and width (float32) of each column's first valid crop attempt, and whether it had
+    one: attempt ``i`` of image ``j`` uses ``aspect[i, j]`` and ``u[i, j]`` (its height draw),
+    as in TensorFlow's ``GenerateRandomCrop`` loop."""
+    f32 = torch.float32
     image_area = float(width * height)
     min_area = torch.tensor(area_range[0], dtype=f32) * image_area
     max_area = torch.tensor(area_range[1], dtype=f32) * image_area
@@ -132,7 +158,6 @@ def sample_crop_boxes(
     capped = torch.where(torch.round(capped * aspect) > width, capped - 1, capped)
     max_h = torch.where(too_wide, capped, max_h).clamp(max=height)
     h = torch.minimum(h, max_h)
-    u = torch.rand(shape, generator=generator, device=device)
     h = h + torch.minimum(torch.floor(u * (max_h - h + 1)), max_h - h)
     w = torch.round(h * aspect)
     area = w * h
@@ -147,13 +172,7 @@ def sample_crop_boxes(
     ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
     ok &= (area >= 1) & (area / image_area >= min_object_covered)  # SatisfiesOverlapConstraints
     first = ok.to(torch.uint8).argmax(dim=0, keepdim=True)
-    found = ok.any(dim=0)
-    h = torch.where(found, h.gather(0, first)[0], float(height))
-    w = torch.where(found, w.gather(0, first)[0], float(width))
-    offsets = torch.rand((2, n), generator=generator, device=device)
-    y0 = torch.minimum(torch.floor(offsets[0] * (height - h)), (height - h - 1).clamp(min=0))
-    x0 = torch.minimum(torch.floor(offsets[1] * (width - w)), (width - w - 1).clamp(min=0))
-    return torch.stack([y0, x0, h, w], dim=1).long()
+    return h.gather(0, first)[0], w.gather(0, first)[0], ok.any(dim=0)
 
 
 def center_crop_box(height: int, width: int, out_height: int, out_width: int,
