@@ -5,6 +5,7 @@ import colorsys
 import json
 import math
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -456,14 +457,14 @@ def test_parameters_and_index_subsets_travel_as_one_buffer():
     plan = A.schedule(params)
     assert plan[2].numel() == 0
     moved, moved_plan = A._send(params, plan, torch.device("cpu"))
-    for field in A.fields(params):
+    for field in fields(params):
         before, after = getattr(params, field.name), getattr(moved, field.name)
         assert after.dtype == before.dtype and torch.equal(after, before), field.name
     flat = [t for step in plan[0] for t in step] + [plan[1], plan[2]]
     flat_moved = [t for step in moved_plan[0] for t in step] + [moved_plan[1], moved_plan[2]]
     assert len(moved_plan[0]) == 4 and all(len(step) == 4 for step in moved_plan[0])
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(flat, flat_moved))
-    storages = {t.untyped_storage().data_ptr() for t in flat_moved + [getattr(moved, f.name) for f in A.fields(moved)]}
+    storages = {t.untyped_storage().data_ptr() for t in flat_moved + [getattr(moved, f.name) for f in fields(moved)]}
     assert len(storages) == 1
 
 
@@ -498,7 +499,7 @@ def test_host_parameters_reach_another_device_in_one_copy():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_views_from_a_host_generator_never_wait_for_the_gpu():
+def test_cuda_views_from_a_host_generator_do_not_wait_for_the_gpu():
     x = _colourful(64, 40).cuda()
     aug = SimCLRAugment(36, use_blur=True)
     generator = torch.Generator().manual_seed(0)

@@ -265,7 +265,7 @@ def test_augmentation_generator_from_another_device_type_is_reseeded_with_a_warn
 
     def draws_after_loading(saved: torch.Tensor) -> torch.Tensor:
         target = GeneratorState(torch.Generator())
-        with pytest.warns(UserWarning, match="another device type than this run's cpu; it is reseeded"):
+        with pytest.warns(UserWarning, match=r"another device type than this run's cpu \(GPU runs drew .*\); it is reseeded"):
             target.load_state_dict({"state": saved})
         return torch.rand(4, generator=target.generator)
     cuda_like = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state is 16 bytes (seed, offset)

@@ -425,16 +425,16 @@ def _send(params: AugmentParams, plan: Optional[Plan], device: torch.device) -> 
     copy would, once per tensor). The tensors are packed as bytes, each at an 8-byte offset,
     and come back as views of the one device buffer."""
     plan_tensors = [] if plan is None else [t for step in plan[0] for t in step] + [plan[1], plan[2]]
-    host = [getattr(params, f.name) for f in fields(params)] + plan_tensors
-    sizes = [t.numel() * t.element_size() for t in host]
+    tensors = [getattr(params, f.name) for f in fields(params)] + plan_tensors
+    sizes = [t.numel() * t.element_size() for t in tensors]
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + -(-size // 8) * 8)
     packed = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
-    for t, size, start in zip(host, sizes, offsets):
+    for t, size, start in zip(tensors, sizes, offsets):
         packed[start:start + size].view(t.dtype).copy_(t.detach().reshape(-1))
     packed = packed.to(device, non_blocking=True)
-    moved = [packed[start:start + size].view(t.dtype).view(t.shape) for t, size, start in zip(host, sizes, offsets)]
+    moved = [packed[start:start + size].view(t.dtype).view(t.shape) for t, size, start in zip(tensors, sizes, offsets)]
     num_fields = len(fields(params))
     params = AugmentParams(*moved[:num_fields])
     if plan is None:
@@ -516,7 +516,8 @@ class SimCLRAugment:
     any device and returns float32 (N, 3, S, S) in [0, 1] on that device. Random parameters are
     drawn from ``generator`` (on its device; the default CPU generator when None), so the same
     seed gives the same views. A CPU generator suits every device: the same seed then gives the
-    same views on CPU and GPU, and a GPU batch is augmented without waiting for the GPU.
+    same parameters on CPU and GPU (the views agree up to float rounding), and a GPU batch is
+    augmented without waiting for the GPU.
     :meth:`views` makes several views of each image in one call.
 
     ``color_jitter_strength`` is s; ``use_blur`` should be False at 32 px or less (official

@@ -65,8 +65,9 @@ class GeneratorState:
         # CPU and CUDA generators keep differently sized states: the checkpoint comes from a run
         # that drew its augmentation on the GPU (the stages now draw on the host on every device).
         warnings.warn(f"the checkpoint's augmentation generator ran on another device type than this run's "
-                      f"{self.generator.device.type}; it is reseeded from the saved state, so augmentations "
-                      "differ from an uninterrupted run")
+                      f"{self.generator.device.type} (GPU runs drew augmentations on the GPU before they were "
+                      "drawn on the host); it is reseeded from the saved state, so augmentations differ from an "
+                      "uninterrupted run")
         self.generator.manual_seed(int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little"))
 
 

@@ -198,8 +198,8 @@ def describe_labels(labels_cfg: LabelConfig) -> str:
 
 def augment_generator(seed: int, rank: int) -> torch.Generator:
     """The augmentation's random generator for this rank: on the host whatever the device, so
-    the same seed gives the same views on CPU and GPU, the parameters are drawn without GPU
-    launches, and the batched augmentation never waits for the GPU (``data.augment``)."""
+    the same seed gives the same parameters on CPU and GPU, they are drawn without GPU
+    launches, and the batched augmentation does not wait for the GPU (``data.augment``)."""
     return torch.Generator().manual_seed(seed * 1000 + rank)
 
 
