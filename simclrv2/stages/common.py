@@ -193,14 +193,14 @@ def describe_labels(labels_cfg: LabelConfig) -> str:
     return f"{100 * (labels_cfg.label_fraction or 1.0):g} %"
 
 
-# ----------------------------------------------------------------------------- optimisation
-
-
 def augment_generator(seed: int, rank: int) -> torch.Generator:
     """The augmentation's random generator for this rank: on the host whatever the device, so
     the same seed gives the same parameters on CPU and GPU, they are drawn without GPU
     launches, and the batched augmentation does not wait for the GPU (``data.augment``)."""
     return torch.Generator().manual_seed(seed * 1000 + rank)
+
+
+# ----------------------------------------------------------------------------- optimisation
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
