@@ -1,0 +1,221 @@
+"""The network step alone, on the CPU: the ceiling of the end-to-end ratios.
+
+``run.py``'s end-to-end keys time whole training loops. This script times only what is left when
+the data cost nothing: one training step of an e2e model (forward of both views as one batch,
+NT-Xent, backward, SGD) on fixed synthetic views, in the reference's float32 NCHW against our CPU
+default (bf16 autocast + channels-last), alternating in one process. The loss and optimiser are
+the same on both sides (``reference.nt_xent``, ``torch.optim.SGD``), so the ratio is what
+precision and memory layout buy the network. Each step is split by operator (``torch.profiler``):
+convolution forward, convolution backward (input and weight gradients), batch norm (forward and
+backward), the rest. The step's convolution FLOPs are counted, and the best rate of the CPU's
+dense kernels is measured in both precisions, to show how close the convolutions run to it.
+
+    python benchmarks/network.py --model embedded --json network.json   # about 1 minute here
+
+No end-to-end loop can beat its network step, so ``run.py``'s ratio for a model is at most this
+script's ``ours`` images/s over the reference loop's end-to-end images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import reference  # noqa: E402
+from measure import E2E_MODELS  # noqa: E402
+
+IMAGE_SIZES = {"embedded": 28, "resnet18": 32}
+# (precision, memory format) of each side: the reference loop's, and our CPU default.
+SIDES = {"reference": (torch.float32, torch.contiguous_format), "ours": (torch.bfloat16, torch.channels_last)}
+# Profiler operators of each phase; an operator's total time includes the operators it calls.
+PHASE_OPS = {
+    "conv_forward": ("aten::convolution",),
+    "conv_backward": ("aten::convolution_backward",),
+    "batch_norm": ("aten::native_batch_norm", "aten::native_batch_norm_backward"),
+}
+FLOP_OPS = {"conv_forward": ("convolution",), "conv_backward": ("convolution_backward",)}
+
+
+def phase_times_ms(events: Iterable[Any], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each phase in :data:`PHASE_OPS`, from ``key_averages()`` rows
+    (objects with ``key`` and ``cpu_time_total`` in microseconds) covering ``steps`` steps."""
+    totals = {phase: 0.0 for phase in PHASE_OPS}
+    for event in events:
+        for phase, ops in PHASE_OPS.items():
+            if event.key in ops:
+                totals[phase] += event.cpu_time_total / 1000 / steps
+    return totals
+
+
+def flops_by_phase(counts: dict[Any, int]) -> dict[str, float]:
+    """FLOPs of each phase in :data:`FLOP_OPS` from ``FlopCounterMode.get_flop_counts()["Global"]``
+    (keyed by operator packets such as ``aten.convolution``)."""
+    by_name = {getattr(op, "__name__", str(op)).split(".")[-1]: count for op, count in counts.items()}
+    return {phase: float(sum(by_name.get(name, 0) for name in names)) for phase, names in FLOP_OPS.items()}
+
+
+def _best_gflops(fn: Callable[[], Any], flop: float, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return flop / best / 1e9
+
+
+def dense_peak_gflops(dtype: torch.dtype, repeats: int = 8) -> float:
+    """The best GFLOP/s that the CPU's dense kernels reach in ``dtype`` (square matmuls, and a 3x3
+    convolution with 256 channels, where oneDNN's kernels run fastest): a practical peak."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = max(best, _best_gflops(lambda: a @ b, 2 * n ** 3, repeats))
+    x = torch.randn(64, 256, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return max(best, _best_gflops(lambda: torch.conv2d(x, w, padding=1), 2 * 64 * 14 * 14 * 256 * 256 * 9, repeats))
+
+
+class NetworkStep(NamedTuple):
+    run: Callable[[], None]  # one training step
+    model: torch.nn.Module
+    views: torch.Tensor  # 2 x batch size synthetic views
+
+
+def make_step(model_key: str, side: str, batch_size: int) -> NetworkStep:
+    """One training step of the ``model_key`` e2e model as ``side`` runs it, on fixed synthetic views."""
+    from simclrv2.config import build
+    from simclrv2.models import build_simclrv2_model
+    from simclrv2.stages.common import model_kwargs
+
+    dtype, memory_format = SIDES[side]
+    cfg = build("pretrain", json.loads(json.dumps(E2E_MODELS[model_key]["overrides"])))
+    size = IMAGE_SIZES[model_key]
+    torch.manual_seed(0)
+    model = build_simclrv2_model(**model_kwargs(cfg.model, size, None)).to(memory_format=memory_format)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    views = torch.rand(2 * batch_size, 3, size, size).contiguous(memory_format=memory_format)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            projection = model(views)[0]
+        loss = reference.nt_xent(projection.float(), cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return NetworkStep(step, model, views)
+
+
+def profile_step(step: Callable[[], None], steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(milliseconds per profiled step of each phase, the rest and the whole step; FLOPs per step
+    of each convolution phase)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        step_ms = (time.perf_counter() - start) * 1000 / steps
+    phases = phase_times_ms(prof.key_averages(), steps)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return ({**phases, "rest": step_ms - sum(phases.values()), "step": step_ms},
+            flops_by_phase(counter.get_flop_counts()["Global"]))
+
+
+def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
+    steps_of = {side: make_step(model_key, side, batch_size).run for side in SIDES}
+    for step in steps_of.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    for _ in range(rounds):  # alternating, so that both sides see the same machine
+        for side, step in steps_of.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                times[side].append(time.perf_counter() - start)
+    peaks = {"float32": dense_peak_gflops(torch.float32), "bfloat16": dense_peak_gflops(torch.bfloat16)}
+    result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": IMAGE_SIZES[model_key],
+                              "threads": torch.get_num_threads(), "dense_peak_gflops": peaks}
+    for side, step in steps_of.items():
+        phases, flops = profile_step(step, steps)
+        best, median = min(times[side]), statistics.median(times[side])
+        dtype = "bfloat16" if SIDES[side][0] == torch.bfloat16 else "float32"
+        conv_ms = phases["conv_forward"] + phases["conv_backward"]  # under the profiler: a little slower
+        conv_flops = flops["conv_forward"] + flops["conv_backward"]
+        # The step with every convolution at the dense-kernel peak and everything else unchanged.
+        at_peak_s = best - conv_ms / 1000 + conv_flops / (peaks[dtype] * 1e9)
+        result[side] = {
+            "precision": dtype, "channels_last": SIDES[side][1] == torch.channels_last,
+            "step_ms_best": best * 1000, "step_ms_median": median * 1000,
+            "images_per_s": batch_size / best, "images_per_s_median": batch_size / median,
+            "profiled_ms": phases,
+            "conv_gflop": {phase: count / 1e9 for phase, count in flops.items()},
+            "conv_gflops_per_s": {phase: flops[phase] / 1e9 / (phases[phase] / 1000) for phase in flops
+                                  if phases[phase] > 0},
+            "conv_fraction_of_peak": conv_flops / 1e9 / (conv_ms / 1000) / peaks[dtype] if conv_ms else None,
+            "images_per_s_convs_at_peak": batch_size / at_peak_s,
+        }
+    result["ratio"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    ref, ours = result["reference"], result["ours"]
+    lines = [f"{result['model']}: one training step, batch {result['batch_size']} "
+             f"({2 * result['batch_size']} views of {result['image_size']} px), {result['threads']} threads, "
+             "synthetic views, same loss and SGD on both sides",
+             f"{'':28s}{'reference fp32 NCHW':>24s}{'ours bf16 channels-last':>26s}{'ratio':>9s}",
+             f"{'step (best)':28s}{ref['step_ms_best']:14.0f} ms {ref['images_per_s']:5.0f}/s"
+             f"{ours['step_ms_best']:16.0f} ms {ours['images_per_s']:5.0f}/s{result['ratio']:8.2f}x"]
+    lines.append("under the profiler, per step:")
+    for phase in ("conv_forward", "conv_backward", "batch_norm", "rest", "step"):
+        r, o = ref["profiled_ms"][phase], ours["profiled_ms"][phase]
+        rate = ""
+        if phase in ours["conv_gflops_per_s"]:
+            rate = (f"  ({ours['conv_gflop'][phase]:.1f} GFLOP: {ref['conv_gflops_per_s'][phase]:.0f} and "
+                    f"{ours['conv_gflops_per_s'][phase]:.0f} GFLOP/s)")
+        lines.append(f"  {phase.replace('_', ' '):26s}{r:17.0f} ms{o:23.0f} ms{r / o if o else float('nan'):8.2f}x{rate}")
+    peaks = result["dense_peak_gflops"]
+    lines += [f"{'dense-kernel peak':28s}{peaks['float32']:13.0f} GFLOP/s{peaks['bfloat16']:17.0f} GFLOP/s"
+              f"{peaks['bfloat16'] / peaks['float32']:8.2f}x",
+              f"convolutions at {ref['conv_fraction_of_peak']:.0%} and {ours['conv_fraction_of_peak']:.0%} of their "
+              f"precision's dense-kernel peak; with every convolution at the peak the steps would make "
+              f"{ref['images_per_s_convs_at_peak']:.0f} and {ours['images_per_s_convs_at_peak']:.0f} images/s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(IMAGE_SIZES), default="embedded")
+    parser.add_argument("--batch-size", type=int, default=256, help="source images per step (two views each)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of timed steps per side")
+    parser.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.rounds, args.steps) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --rounds and --steps must be at least 1, --warmup at least 0")
+    result = measure(args.model, args.batch_size, args.rounds, args.steps, args.warmup)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``benchmarks/network.py`` splits the network step by operator and counts its convolution FLOPs;
+the figures back the README's account of the end-to-end ceiling, so they are checked here against
+independent computations."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load_network_script():
+    spec = importlib.util.spec_from_file_location("benchmark_network", BENCHMARKS / "network.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+network = _load_network_script()
+
+
+def _conv_flops_by_hand(model: torch.nn.Module, views: torch.Tensor) -> tuple[float, float]:
+    """(forward, backward) FLOPs of every convolution from its output shape: 2 x outputs x C_in/groups
+    x kernel area forward; the backward makes the weight gradient for each and the input gradient for
+    all but the first convolution, whose input (the images) needs none."""
+    forward, first = [], []
+
+    def hook(module, inputs, output):
+        kh, kw = module.kernel_size
+        flops = 2 * output.numel() * module.in_channels // module.groups * kh * kw
+        forward.append(flops)
+        if not inputs[0].requires_grad:
+            first.append(flops)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(views)
+    for handle in handles:
+        handle.remove()
+    return float(sum(forward)), float(2 * sum(forward) - sum(first))
+
+
+def test_convolution_flops_of_the_embedded_step_match_a_count_from_the_layer_shapes():
+    step = network.make_step("embedded", "reference", batch_size=2)
+    phases, flops = network.profile_step(step.run, steps=1)
+    forward, backward = _conv_flops_by_hand(step.model, step.views)
+    assert flops["conv_forward"] == pytest.approx(forward)
+    assert flops["conv_backward"] == pytest.approx(backward)
+    assert set(phases) == {"conv_forward", "conv_backward", "batch_norm", "rest", "step"}
+    assert phases["step"] == pytest.approx(sum(v for k, v in phases.items() if k != "step"))
+    assert all(phases[k] > 0 for k in ("conv_forward", "conv_backward", "batch_norm"))
+
+
+def test_phase_times_add_up_each_phases_operators_per_step_and_ignore_the_others():
+    rows = [SimpleNamespace(key="aten::convolution", cpu_time_total=6000.0),
+            SimpleNamespace(key="aten::convolution_backward", cpu_time_total=9000.0),
+            SimpleNamespace(key="aten::native_batch_norm", cpu_time_total=1500.0),
+            SimpleNamespace(key="aten::native_batch_norm_backward", cpu_time_total=3000.0),
+            SimpleNamespace(key="aten::relu_", cpu_time_total=99999.0)]
+    assert network.phase_times_ms(rows, steps=3) == pytest.approx(
+        {"conv_forward": 2.0, "conv_backward": 3.0, "batch_norm": 1.5})
+
+
+def test_flops_by_phase_reads_the_counters_keys_by_operator_name():
+    counts = {torch.ops.aten.convolution: 10, torch.ops.aten.convolution_backward: 25, torch.ops.aten.mm: 7}
+    assert network.flops_by_phase(counts) == {"conv_forward": 10.0, "conv_backward": 25.0}
+
+
+def test_the_script_writes_both_sides_and_their_ratio(tmp_path, capsys):
+    out = tmp_path / "network.json"
+    assert network.main(["--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                         "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ref, ours = result["reference"], result["ours"]
+    assert (ref["precision"], ref["channels_last"]) == ("float32", False)
+    assert (ours["precision"], ours["channels_last"]) == ("bfloat16", True)
+    assert result["ratio"] == pytest.approx(ours["images_per_s"] / ref["images_per_s"])
+    assert ref["conv_gflop"] == pytest.approx(ours["conv_gflop"])  # same network, same work
+    assert ours["images_per_s"] == pytest.approx(4 / (ours["step_ms_best"] / 1000))
+    assert "dense-kernel peak" in capsys.readouterr().out
+
+
+def test_the_script_rejects_an_empty_batch_by_name():
+    with pytest.raises(SystemExit):
+        network.main(["--batch-size", "0"])
