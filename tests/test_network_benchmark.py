@@ -48,9 +48,18 @@ def test_convolution_flops_of_the_embedded_step_match_a_count_from_the_layer_sha
     forward, backward = _conv_flops_by_hand(step.model, step.views)
     assert flops["conv_forward"] == pytest.approx(forward)
     assert flops["conv_backward"] == pytest.approx(backward)
-    assert set(phases) == {"conv_forward", "conv_backward", "batch_norm", "rest", "step"}
-    assert phases["step"] == pytest.approx(sum(v for k, v in phases.items() if k != "step"))
-    assert all(phases[k] > 0 for k in ("conv_forward", "conv_backward", "batch_norm"))
+
+
+@pytest.mark.parametrize("side", ["reference", "ours"])
+def test_every_operator_the_phases_name_occurs_in_a_profiled_step(side):
+    # A phase whose operators PyTorch renamed would silently read 0 ms.
+    from torch.profiler import ProfilerActivity, profile
+
+    step = network.make_step("embedded", side, batch_size=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.run()
+    seen = {event.key for event in prof.key_averages()}
+    assert {op for ops in network.PHASE_OPS.values() for op in ops} <= seen
 
 
 def test_phase_times_add_up_each_phases_operators_per_step_and_ignore_the_others():
@@ -68,7 +77,8 @@ def test_flops_by_phase_reads_the_counters_keys_by_operator_name():
     assert network.flops_by_phase(counts) == {"conv_forward": 10.0, "conv_backward": 25.0}
 
 
-def test_the_script_writes_both_sides_and_their_ratio(tmp_path, capsys):
+def test_the_script_writes_both_sides_on_the_same_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(network, "dense_peak_gflops", lambda dtype: 100.0)
     out = tmp_path / "network.json"
     assert network.main(["--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
                          "--json", str(out)]) == 0
@@ -76,12 +86,13 @@ def test_the_script_writes_both_sides_and_their_ratio(tmp_path, capsys):
     ref, ours = result["reference"], result["ours"]
     assert (ref["precision"], ref["channels_last"]) == ("float32", False)
     assert (ours["precision"], ours["channels_last"]) == ("bfloat16", True)
-    assert result["ratio"] == pytest.approx(ours["images_per_s"] / ref["images_per_s"])
     assert ref["conv_gflop"] == pytest.approx(ours["conv_gflop"])  # same network, same work
-    assert ours["images_per_s"] == pytest.approx(4 / (ours["step_ms_best"] / 1000))
+    assert ref["conv_gflop"]["conv_backward"] > ref["conv_gflop"]["conv_forward"]
+    assert (result["rounds"], result["steps"], result["warmup"]) == (1, 1, 0)
     assert "dense-kernel peak" in capsys.readouterr().out
 
 
-def test_the_script_rejects_an_empty_batch_by_name():
+def test_the_script_rejects_an_empty_batch_by_name(capsys):
     with pytest.raises(SystemExit):
         network.main(["--batch-size", "0"])
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
