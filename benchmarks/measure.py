@@ -45,9 +45,9 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 E2E_MODELS: dict[str, dict[str, Any]] = {
     # The embedded default: what ``simclrv2 pipeline`` pretrains (preset "embedded": ResNet-18
     # at width 0.25, CIFAR stem, 28 px Fashion-MNIST, batch 256, T = 0.2).
-    "embedded": {"dataset": "embedded", "overrides": {}},
+    "embedded": {"dataset": "embedded", "image_size": 28, "overrides": {}},
     # ResNet-18 (width 1) with the CIFAR stem, batch 256, 32 px (preset "cifar": T = 0.5, s = 0.5).
-    "resnet18": {"dataset": "cifar10", "overrides": {
+    "resnet18": {"dataset": "cifar10", "image_size": 32, "overrides": {
         "model": {"resnet_depth": 18, "width_multiplier": 1.0, "cifar_stem": True},
         "optim": {"train_batch_size": 256}}},
 }
@@ -177,12 +177,18 @@ def _data_dir(dataset: str, tmp: Path) -> str | None:
     return str(common.write_synthetic_cifar10(tmp / "cifar", 10240, 512))
 
 
+def e2e_overrides(model_key: str, data_dir: str | None = None) -> dict[str, Any]:
+    """``simclrv2.config.build`` overrides of an e2e model: its preset, model and data."""
+    model = E2E_MODELS[model_key]
+    overrides = json.loads(json.dumps(model["overrides"]))
+    overrides.setdefault("data", {}).update({"dataset": model["dataset"], "data_dir": data_dir})
+    return overrides
+
+
 def _config(spec: dict[str, Any], data_dir: str | None, run_dir: Path):
     from simclrv2.config import build
 
-    model = E2E_MODELS[spec["model"]]
-    overrides = json.loads(json.dumps(model["overrides"]))
-    overrides.setdefault("data", {}).update({"dataset": model["dataset"], "data_dir": data_dir})
+    overrides = e2e_overrides(spec["model"], data_dir)
     overrides.setdefault("optim", {})["train_steps"] = 1000  # schedule length; we stop earlier
     overrides["runtime"] = {
         "device": spec["device"], "max_steps": spec["warmup"] + spec["steps"], "log_every_steps": 1,
@@ -282,7 +288,7 @@ def e2e_ours(spec: dict[str, Any]) -> dict[str, Any]:
     result = timer.summary(spec["warmup"], batch)
     per_step = [r["images_per_s"] for r in steps][spec["warmup"]:]
     return {**result, "loop_images_per_s_median": float(np.median(per_step)) if per_step else None,
-            "batch_size": batch, "image_size": cfg.data.image_size or (28 if spec["model"] == "embedded" else 32),
+            "batch_size": batch, "image_size": E2E_MODELS[spec["model"]]["image_size"],
             "precision": cfg.runtime.precision, "channels_last": cfg.runtime.channels_last,
             "threads": torch.get_num_threads(), "device": str(device), **_memory(device, mem)}
 

@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reference  # noqa: E402
-from measure import E2E_MODELS  # noqa: E402
+from measure import E2E_MODELS, e2e_overrides  # noqa: E402
 
-IMAGE_SIZES = {"embedded": 28, "resnet18": 32}
 # (precision, memory format) of each side: the reference loop's, and our CPU default.
 SIDES = {"reference": (torch.float32, torch.contiguous_format), "ours": (torch.bfloat16, torch.channels_last)}
 # Profiler operators of each phase; an operator's total time includes the operators it calls.
@@ -100,10 +99,8 @@ def make_step(model_key: str, side: str, batch_size: int) -> NetworkStep:
     from simclrv2.stages.common import model_kwargs
 
     dtype, memory_format = SIDES[side]
-    overrides = json.loads(json.dumps(E2E_MODELS[model_key]["overrides"]))
-    overrides.setdefault("data", {})["dataset"] = E2E_MODELS[model_key]["dataset"]  # its preset's temperature
-    cfg = build("pretrain", overrides)
-    size = IMAGE_SIZES[model_key]
+    cfg = build("pretrain", e2e_overrides(model_key))
+    size = E2E_MODELS[model_key]["image_size"]
     torch.manual_seed(0)
     model = build_simclrv2_model(**model_kwargs(cfg.model, size, None)).to(memory_format=memory_format)
     model.train()
@@ -153,7 +150,7 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
                 step()
                 times[side].append(time.perf_counter() - start)
     peaks = {"float32": dense_peak_gflops(torch.float32), "bfloat16": dense_peak_gflops(torch.bfloat16)}
-    result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": IMAGE_SIZES[model_key],
+    result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": E2E_MODELS[model_key]["image_size"],
                               "rounds": rounds, "steps": steps, "warmup": warmup,
                               "threads": torch.get_num_threads(), "dense_peak_gflops": peaks}
     for side, step in steps_of.items():
@@ -207,7 +204,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(IMAGE_SIZES), default="embedded")
+    parser.add_argument("--model", choices=sorted(E2E_MODELS), default="embedded")
     parser.add_argument("--batch-size", type=int, default=256, help="source images per step (two views each)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of timed steps per side")
     parser.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps per round")
