@@ -3,7 +3,6 @@ the figures back the README's account of the end-to-end ceiling, so they are che
 independent computations."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,7 +43,7 @@ def _conv_flops_by_hand(model: torch.nn.Module, views: torch.Tensor) -> tuple[fl
 
 def test_convolution_flops_of_the_embedded_step_match_a_count_from_the_layer_shapes():
     step = network.make_step("embedded", "reference", batch_size=2)
-    phases, flops = network.profile_step(step.run, steps=1)
+    _, flops = network.profile_step(step.run, steps=1)
     forward, backward = _conv_flops_by_hand(step.model, step.views)
     assert flops["conv_forward"] == pytest.approx(forward)
     assert flops["conv_backward"] == pytest.approx(backward)
