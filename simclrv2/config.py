@@ -98,6 +98,7 @@ class RuntimeConfig:
     log_every_steps: int = _opt(10, "Write training metrics every N steps.")
     num_threads: Optional[int] = _opt(None, "CPU threads for PyTorch; default: the number of usable cores.")
     on_nonfinite: str = _opt("stop", "What a non-finite loss does: stop (keep the last good checkpoint) or skip (skip the step and count it).")
+    max_skipped_steps: int = _opt(100, "With --on-nonfinite skip: stop (exit 3) once more than this many steps of the run have been skipped.")
     global_bn: bool = _opt(True, "Synchronise batch-norm statistics across processes (paper: global BN).")
     progress: bool = _opt(True, "Show a progress bar.")
 
