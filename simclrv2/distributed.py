@@ -3,14 +3,14 @@
 The official code runs under a TPU ``tf.distribute`` strategy and gathers contrastive keys with
 ``tpu_cross_replica_concat`` (tf2/objective.py). Here the same role is played by
 :func:`all_gather_with_grad`; the remaining helpers cover process-group set-up from ``torchrun``
-environment variables, exact evaluation counting across ranks, agreeing on rank 0's values
-(:func:`broadcast_object`) and global batch norm on any device (:class:`GlobalBatchNorm`, the
+environment variables, exact evaluation counting across ranks, agreeing on rank 0's values and
+choices (:func:`broadcast_object`, :func:`decided_by_main`) and global batch norm on any device (:class:`GlobalBatchNorm`, the
 official ``global_bn``, for back-ends where ``torch.nn.SyncBatchNorm`` is unavailable: CPU/gloo).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -170,6 +170,27 @@ def broadcast_object(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def decided_by_main(choose: Callable[[], Any]) -> Any:
+    """Rank 0's ``choose()`` on every rank; what it raised there is raised on every rank.
+
+    For choices that ranks could make differently, such as "the newest checkpoint" on a shared
+    filesystem where a new file shows up on one node before another. ``choose`` runs on rank 0
+    only; its result (or exception) must be picklable.
+    """
+    if not is_dist():
+        return choose()
+    outcome: Any = None
+    if is_main():
+        try:
+            outcome = (True, choose())
+        except Exception as err:  # every rank stops with rank 0's error
+            outcome = (False, err)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
 
 
 def all_gather_object(obj: Any) -> list[Any]:

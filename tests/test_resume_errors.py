@@ -277,6 +277,8 @@ def test_nonfinite_and_stop_flags_read_from_scalar_or_one_element_losses():
     from simclrv2.engine.trainer import _agree
 
     rt = Runtime(torch.device("cpu"), None, False, 0, 1)
-    assert _agree(torch.tensor(float("nan")), False, rt) == (True, False)
-    assert _agree(torch.tensor([2.5]), True, rt) == (False, True)  # shape (1,), as some losses come
-    assert _agree(torch.tensor([float("inf")], requires_grad=True), True, rt) == (True, True)
+    assert _agree(torch.tensor(float("nan")), [], False, rt) == (True, False)
+    assert _agree(torch.tensor([2.5]), [], True, rt) == (False, True)  # shape (1,), as some losses come
+    assert _agree(torch.tensor([float("inf")], requires_grad=True), [], True, rt) == (True, True)
+    assert _agree(torch.tensor(2.5), [torch.ones(3), torch.tensor([0.0, float("-inf")])], False, rt) == (True, False)
+    assert _agree(torch.tensor(2.5), [torch.ones(3), torch.full((2,), 3e38)], False, rt) == (False, False)

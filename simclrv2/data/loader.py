@@ -211,6 +211,13 @@ class FileLoader(_Sharded):
             yield images, labels
 
 
+def worker_died(err: BaseException) -> bool:
+    """True for PyTorch's error when a DataLoader worker process ended without a Python error:
+    killed by a signal (often the OOM killer) or exited. PyTorch has no type of its own for it and
+    may raise it anywhere in the main process (from its SIGCHLD handler)."""
+    return isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")
+
+
 def make_dataloader(dataset, batch_size: int, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
                     rank: int = 0, world_size: int = 1, num_workers: Optional[int] = None,
                     pin_memory: Optional[bool] = None, device: Optional[Union[str, torch.device]] = None,

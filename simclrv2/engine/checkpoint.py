@@ -16,7 +16,9 @@ with ``torch.load(path, weights_only=True)``:
 ``metrics``         the last logged metrics
 
 Files: ``checkpoints/ckpt-<step>.pt``, the newest also reachable as ``checkpoints/last.pt`` (a
-symbolic link, or a copy where links are not supported).
+symbolic link, or a copy where links are not supported). A checkpoint never holds NaN or infinite
+floating-point values: :func:`save_checkpoint` refuses to write them and :func:`load_checkpoint`
+to read them, so the newest checkpoint is always one a run can continue from.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
+
+from simclrv2 import distributed as dist
 
 FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
@@ -54,12 +58,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def _temp_path(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it; the PID tells whose it is."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``folder`` (those whose process is
+    gone) and return them. A live process's file is kept: it may still be renamed into place."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if (m := _TEMP_FILE.match(p.name)) and not _alive(int(m.group(1)))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(handle)`` into a temporary file in the same folder, fsync, then rename over ``path``:
-    readers see the old file or the whole new one, never a torn one."""
+    readers see the old file or the whole new one, never a torn one. On any error the temporary
+    file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             write(handle)
@@ -67,8 +102,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
@@ -80,14 +114,16 @@ def atomic_save(obj: Any, path: Path) -> None:
 def _point_last(ckpt_dir: Path, target: Path) -> None:
     """Make ``last.pt`` name ``target`` atomically (a relative symlink, else a copy)."""
     last = ckpt_dir / LAST_NAME
-    tmp = ckpt_dir / f".{LAST_NAME}.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    tmp = _temp_path(last)
+    tmp.unlink(missing_ok=True)
     try:
-        os.symlink(target.name, tmp)
-    except OSError:
-        shutil.copyfile(target, tmp)
-    os.replace(tmp, last)
+        try:
+            os.symlink(target.name, tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+        os.replace(tmp, last)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(ckpt_dir)
 
 
@@ -99,10 +135,50 @@ def step_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _float_tensors(state: Any, name: str = ""):
+    """``(dotted name, tensor)`` for every floating-point tensor inside nested dicts and lists."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _float_tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from _float_tensors(value, f"{name}.{i}")
+    elif torch.is_tensor(state) and (state.is_floating_point() or state.is_complex()):
+        yield name, state
+
+
+def nonfinite_entries(state: Any) -> list[str]:
+    """Names of the tensors in ``state`` that hold a NaN or an infinity; one wait per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in _float_tensors(state):
+        by_device.setdefault(tensor.device, []).append((name, tensor))
+    bad = []
+    for named in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+        bad += [name for (name, _), ok in zip(named, finite) if not ok]
+    return bad
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+class NonFiniteState(CheckpointError):
+    """A state to save holds NaN or infinite values (training diverged)."""
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Write ``ckpt-<step>.pt`` atomically, point ``last.pt`` at it and keep the newest ``keep``."""
+    """Write ``ckpt-<step>.pt`` atomically, point ``last.pt`` at it and keep the newest ``keep``.
+
+    A state with non-finite values is refused (:class:`NonFiniteState`) and nothing is written:
+    a run resumed from it could only fail again. Temporary files of killed writers are removed.
+    """
+    bad = nonfinite_entries(state)
+    if bad:
+        raise NonFiniteState(f"non-finite values in {_listed(bad)} at step {step}")
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     path = ckpt_dir / f"ckpt-{step:09d}.pt"
+    remove_stale_temp_files(ckpt_dir)
     atomic_save({"format_version": FORMAT_VERSION, **state}, path)
     _point_last(ckpt_dir, path)
     for old in step_checkpoints(ckpt_dir)[:-max(keep, 1)]:
@@ -152,6 +228,10 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     version = obj.get("format_version")
     if version is None or version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {version}; this simclrv2 reads up to {FORMAT_VERSION}")
+    bad = nonfinite_entries(obj)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values ({_listed(bad)}): it was written after "
+                              f"training diverged{_UNREADABLE_FIX}")
     return obj
 
 
@@ -180,17 +260,50 @@ def latest_valid_checkpoint(run_dir: Path, map_location: Any = "cpu",
     return None
 
 
+def latest_checkpoint_of_all_ranks(run_dir: Path, map_location: Any = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
+    """:func:`latest_valid_checkpoint` as rank 0 finds it, loaded on every rank.
+
+    Ranks never choose on their own: on a shared filesystem a new file may be visible on one node
+    before another. A rank that cannot read rank 0's choice stops every rank with its reason.
+    """
+    found: Optional[tuple[Path, dict[str, Any]]] = None
+
+    def choose() -> Optional[Path]:
+        nonlocal found
+        found = latest_valid_checkpoint(run_dir, map_location)
+        return None if found is None else found[0]
+
+    path = dist.decided_by_main(choose)
+    if path is None:
+        return None
+    problem = None
+    if found is None:  # another rank than 0
+        try:
+            found = path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            problem = (f"rank {dist.rank()} cannot read {path}, the checkpoint rank 0 resumes from ({err}); put "
+                       "--run-dir on a filesystem that every node reads the same")
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return found
+
+
 def resolve_checkpoint(path_or_run_dir: str) -> Path:
-    """A ``.pt`` file as given, or a run folder's newest valid checkpoint."""
+    """A ``.pt`` file as given, or a run folder's newest valid checkpoint (rank 0's choice on every rank)."""
     path = Path(path_or_run_dir)
     if path.is_dir():
-        found = latest_valid_checkpoint(path, fix="pass --checkpoint another run folder or a .pt file")
-        if found is None:
-            raise CheckpointError(f"run folder {path} holds no valid checkpoint under {CHECKPOINT_DIR}/")
-        return found[0]
+        return dist.decided_by_main(lambda: _newest_valid(path))
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist; pass a .pt file or a run folder")
     return path
+
+
+def _newest_valid(run_dir: Path) -> Path:
+    found = latest_valid_checkpoint(run_dir, fix="pass --checkpoint another run folder or a .pt file")
+    if found is None:
+        raise CheckpointError(f"run folder {run_dir} holds no valid checkpoint under {CHECKPOINT_DIR}/")
+    return found[0]
 
 
 def capture_rng() -> dict[str, Any]:

@@ -4,10 +4,16 @@ A stage describes its work as a :class:`TrainTask` (model, optimiser, batches, a
 returning the loss, optional hooks) and :func:`train` runs it: learning-rate schedule, mixed
 precision, non-finite checks, logging, progress bar, checkpoints every N steps and at each epoch
 end, exact resume, and a clean checkpoint-and-exit on SIGTERM/SIGINT.
+
+A step is taken only when its loss and gradients are finite on every rank (with fp16 loss scaling
+the GradScaler skips overflowing gradients itself), and no checkpoint is written with non-finite
+values, so the newest checkpoint is always one to resume from.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import signal
 import time
 import warnings
@@ -20,13 +26,17 @@ from torch import nn
 
 from simclrv2 import distributed as dist
 from simclrv2.config import RuntimeConfig, save_config
-from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, capture_rng, latest_valid_checkpoint,
-                                        restore_rng, save_checkpoint, step_checkpoints)
+from simclrv2.data.loader import worker_died
+from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteState, atomic_write, capture_rng,
+                                        latest_checkpoint_of_all_ranks, remove_stale_temp_files, restore_rng,
+                                        save_checkpoint, step_checkpoints)
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun the command to resume
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 74  # EX_IOERR: a checkpoint could not be written
+INTERRUPTED_MARKER = "interrupted.json"  # in the run folder while the run is stopped by a signal, resumable
 
 
 class TrainingStopped(RuntimeError):
@@ -40,7 +50,17 @@ class Interrupted(TrainingStopped):
 
 
 class NonFiniteLoss(TrainingStopped):
+    """A non-finite loss, gradient or state to save (training diverged)."""
+
     exit_code = EXIT_NONFINITE
+
+
+class SaveFailed(TrainingStopped):
+    exit_code = EXIT_SAVE_FAILED
+
+
+class WorkerDied(TrainingStopped):
+    """A DataLoader worker process died (often killed by the OOM killer)."""
 
 
 class Stateful(Protocol):
@@ -120,11 +140,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _agree(loss: torch.Tensor, stopping: bool, rt: Runtime) -> tuple[bool, bool]:
-    """(loss non-finite, stop requested), each OR-ed over all ranks so that every rank takes the
-    same branch. Built on the loss's device and read once: the step's only wait for the GPU."""
+def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def _agree(loss: torch.Tensor, grads: list[torch.Tensor], stopping: bool, rt: Runtime) -> tuple[bool, bool]:
+    """(loss or a gradient non-finite, stop requested), each OR-ed over all ranks so that every rank
+    takes the same branch. Built on the loss's device and read once: the step's only wait for the GPU."""
     loss = loss.detach().reshape(())
-    flags = torch.stack([(~torch.isfinite(loss)).float(), loss.new_full((), float(stopping))])
+    nonfinite = ~torch.isfinite(loss)
+    if grads:  # the largest |gradient| is finite only if every gradient is
+        nonfinite |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf")).to(loss.device))
+    flags = torch.stack([nonfinite.float(), loss.new_full((), float(stopping))])
     if rt.world_size > 1:
         torch.distributed.all_reduce(flags)
     nonfinite, stop = flags.tolist()
@@ -195,7 +222,7 @@ def _resume(task: TrainTask, run_dir: Path, rt: Runtime,
     """Restore the newest checkpoint: (step, epoch, batch in epoch, last metrics, skipped steps)."""
     # Loaded onto the CPU: RNG states must stay CPU tensors, and loading copies the model and
     # optimiser states onto their parameters' device.
-    found = latest_valid_checkpoint(run_dir, map_location="cpu")
+    found = latest_checkpoint_of_all_ranks(run_dir, map_location="cpu")
     if found is None:
         return 0, 0, 0, {}, 0
     path, ckpt = found
@@ -242,6 +269,26 @@ def _kept_checkpoint(run_dir: Path) -> str:
     return f"the last good checkpoint, {kept[-1].name}, is kept in {kept[-1].parent}"
 
 
+def _nonfinite_step(loss: torch.Tensor, step: int, skipped: int, cfg: RuntimeConfig, run_dir: Path) -> None:
+    """Stop on a non-finite step, unless ``--on-nonfinite skip`` and the limit is not passed yet."""
+    value = float(loss.detach().float().reshape(()))
+    what = (f"non-finite loss ({value}) at step {step}" if not math.isfinite(value)
+            else f"non-finite gradients at step {step} (the loss, {value:.4g}, is finite)")
+    if cfg.on_nonfinite != "skip":
+        raise NonFiniteLoss(f"{what}; {_kept_checkpoint(run_dir)}. Lower --learning-rate, or use --on-nonfinite skip "
+                            "to skip such steps")
+    if skipped > cfg.max_skipped_steps:
+        raise NonFiniteLoss(f"{what}: {skipped} steps skipped, more than --max-skipped-steps "
+                            f"{cfg.max_skipped_steps}; {_kept_checkpoint(run_dir)}. Lower --learning-rate")
+
+
+def _write_marker(run_dir: Path, signum: int, step: int) -> None:
+    """Tell a job script that this run stopped on a signal after saving and wants to be resumed
+    (under torchrun the exit code does not: torchrun reports any failed worker as 1)."""
+    record = {"signal": signal.Signals(signum).name, "step": step, "resume": "rerun the same command"}
+    atomic_write(run_dir / INTERRUPTED_MARKER, lambda handle: handle.write((json.dumps(record) + "\n").encode()))
+
+
 def _skipped_images(batches: BatchSource) -> dict[str, int]:
     """Unreadable images replaced so far (``--skip-bad-images``), for sources that count them."""
     count = getattr(batches, "skipped", None)
@@ -258,6 +305,9 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     """Run ``task`` to ``task.total_steps`` (or ``cfg.max_steps``) and return the last metrics."""
     run_dir = Path(run_dir)
+    if rt.is_main:  # what an earlier, killed or stopped, run of this folder left
+        (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)
+        remove_stale_temp_files(run_dir / CHECKPOINT_DIR)
     scaler = rt.grad_scaler()
     step, epoch, batch_in_epoch, last, skipped = _resume(task, run_dir, rt, scaler) if cfg.resume else (0, 0, 0, {}, 0)
     if rt.is_main and "config" in task.checkpoint_meta:  # after the resume checks: a refused run changes nothing
@@ -269,10 +319,24 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     window_start, window_images = time.perf_counter(), 0
 
     def save() -> None:
+        """Rank 0 writes; every rank learns whether it could, and all stop together if not."""
         ranks = dist.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
+        failure = None
         if rt.is_main:
-            save_checkpoint(run_dir, _checkpoint_state(task, step, epoch, batch_in_epoch, last, skipped, scaler, ranks),
-                            step, cfg.keep_checkpoint_max)
+            state = _checkpoint_state(task, step, epoch, batch_in_epoch, last, skipped, scaler, ranks)
+            try:
+                save_checkpoint(run_dir, state, step, cfg.keep_checkpoint_max)
+            except NonFiniteState as err:
+                failure = NonFiniteLoss(f"{err}, so it is not saved; {_kept_checkpoint(run_dir)}. Lower "
+                                        "--learning-rate")
+            except OSError as err:
+                failure = SaveFailed(f"cannot write the step {step} checkpoint in {run_dir / CHECKPOINT_DIR} "
+                                     f"({err.strerror or err}); free disk space (or lower --keep-checkpoint-max) "
+                                     f"or fix the folder's permissions, then rerun the same command to resume: "
+                                     f"{_kept_checkpoint(run_dir)}")
+        failure = dist.broadcast_object(failure)
+        if failure is not None:
+            raise failure
 
     task.model.train()
     try:
@@ -285,22 +349,19 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                         group["lr"] = lr
                     with rt.autocast():
                         loss, metrics = task.step_fn(batch, step)
-                    nonfinite, stopping = _agree(loss, stop.signal is not None, rt)
+                    task.optimizer.zero_grad(set_to_none=True)
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    # The scaler judges the (scaled) gradients itself: fp16 overflows are routine there.
+                    grads = _grads(task.optimizer) if scaler is None else []
+                    nonfinite, stopping = _agree(loss, grads, stop.signal is not None, rt)
                     if nonfinite:
-                        if cfg.on_nonfinite != "skip":
-                            raise NonFiniteLoss(
-                                f"non-finite loss ({loss.item()}) at step {step}; {_kept_checkpoint(run_dir)}. "
-                                "Lower --learning-rate, or use --on-nonfinite skip to skip such steps")
                         skipped += 1
-                        task.optimizer.zero_grad(set_to_none=True)
+                        _nonfinite_step(loss, step, skipped, cfg, run_dir)
                     else:
-                        task.optimizer.zero_grad(set_to_none=True)
                         if scaler is not None:
-                            scaler.scale(loss).backward()
                             scaler.step(task.optimizer)
                             scaler.update()
                         else:
-                            loss.backward()
                             task.optimizer.step()
                         if task.after_step is not None:
                             task.after_step(step)
@@ -321,6 +382,8 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                             bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
                     if stopping:
                         save()
+                        if rt.is_main:
+                            _write_marker(run_dir, stop.signal or signal.SIGTERM, step)
                         raise Interrupted(f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
                                           f"{run_dir / 'checkpoints'}; rerun the same command to resume")
                     if step % cfg.checkpoint_steps == 0 and batch_in_epoch < steps_per_epoch:
@@ -337,6 +400,12 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
             if batch_in_epoch:
                 save()
         dist.barrier()  # later readers (the next stage, other ranks) see the final checkpoint
+    except RuntimeError as err:
+        if not worker_died(err):
+            raise
+        raise WorkerDied(f"a DataLoader worker died ({str(err).split('. ')[0]}); lower --num-workers or check the "
+                         f"memory (the OOM killer stops workers), then rerun the same command to resume: "
+                         f"{_kept_checkpoint(run_dir)}") from None
     finally:
         if bar is not None:
             bar.close()
