@@ -1,6 +1,7 @@
 """Long runs and unsafe inputs: exact resume, kills, corrupt checkpoints, NaNs, bad data and settings."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -15,11 +16,13 @@ from torch import nn
 
 from simclrv2.cli import main
 from simclrv2.config import RuntimeConfig
-from simclrv2.engine.checkpoint import (CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint,
-                                        step_checkpoints)
+from simclrv2.engine.checkpoint import (CheckpointError, latest_valid_checkpoint, load_checkpoint,
+                                        remove_stale_temp_files, save_checkpoint, step_checkpoints)
 from simclrv2.engine.runtime import Runtime
-from simclrv2.engine.trainer import EXIT_INTERRUPTED, NonFiniteLoss, TrainTask, train
+from simclrv2.engine.trainer import (EXIT_INTERRUPTED, EXIT_SAVE_FAILED, INTERRUPTED_MARKER, NonFiniteLoss, SaveFailed,
+                                     TrainTask, WorkerDied, train)
 from simclrv2.data.batches import TensorBatches
+from simclrv2.data.loader import FileLoader
 from cli_checks import expect_one_line_error
 from tiny_data import write_tiny_fashion_mnist
 
@@ -89,6 +92,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir: Path, tmp_path: 
     assert "rerun the same command to resume" in err and "Traceback" not in err
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert saved["step"] >= 1 and saved["stage"] == "pretrain"
+    assert f'"step": {saved["step"]}' in (run_dir / INTERRUPTED_MARKER).read_text()  # torchrun reports 75 as 1
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
@@ -175,6 +179,83 @@ def test_skipped_steps_and_last_metrics_survive_a_resume(tmp_path: Path) -> None
     assert resumed["step"] == 8 and resumed["skipped_steps"] == 1
     finished = train(task, rt, RuntimeConfig(progress=False), tmp_path)  # nothing left to run
     assert finished["step"] == 8 and finished["loss"] == pytest.approx(resumed["loss"])
+
+
+# --------------------------------------------------------------------------- full disks, dead workers, killed saves
+
+def _no_temp_files(run_dir: Path) -> bool:
+    return not any(p.name.startswith(".") for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    real_save = torch.save
+
+    def disk_full_from_step_6(obj, handle):
+        if obj["step"] < 6:
+            return real_save(obj, handle)
+        handle.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full_from_step_6)
+    task, _ = _toy_task("toy", nan_at=-1, run_dir=tmp_path)
+    with pytest.raises(SaveFailed) as err:
+        train(task, Runtime(torch.device("cpu"), None, False, 0, 1),
+              RuntimeConfig(checkpoint_steps=2, keep_checkpoint_max=2, progress=False), tmp_path)
+    message = str(err.value)
+    assert err.value.exit_code == EXIT_SAVE_FAILED and "\n" not in message
+    assert "step 6 checkpoint" in message and "No space left on device" in message and "free disk space" in message
+    assert "ckpt-000000004.pt, is kept" in message
+    assert [p.name for p in step_checkpoints(tmp_path / "checkpoints")] == ["ckpt-000000002.pt", "ckpt-000000004.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+    assert _no_temp_files(tmp_path)
+
+
+class _KilledAt(torch.utils.data.Dataset):
+    """Samples whose loading kills the worker process at one index, as the OOM killer would."""
+
+    def __init__(self, n: int, killed_at: int):
+        self.n, self.killed_at = n, killed_at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if index == self.killed_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.full((4,), float(index)), index % 2
+
+
+def test_a_killed_dataloader_worker_stops_in_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    task, model = _toy_task("toy", nan_at=-1, run_dir=tmp_path)
+    task.batches = FileLoader(_KilledAt(64, killed_at=40), batch_size=8, shuffle=False, num_workers=1,
+                              persistent_workers=False, pin_memory=False)
+    with pytest.raises(WorkerDied) as err:
+        train(task, Runtime(torch.device("cpu"), None, False, 0, 1), RuntimeConfig(checkpoint_steps=1, progress=False),
+              tmp_path)
+    message = str(err.value)
+    assert message.startswith("a DataLoader worker died (DataLoader worker (pid") and "\n" not in message
+    assert "lower --num-workers" in message and "rerun the same command to resume" in message
+    kept = step_checkpoints(tmp_path / "checkpoints")
+    assert kept and f"{kept[-1].name}, is kept" in message and load_checkpoint(kept[-1])["step"] <= 5
+    assert _no_temp_files(tmp_path)
+
+
+def test_temp_files_of_killed_saves_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    stale = [ckpt_dir / f".ckpt-000000004.pt.tmp-{dead.pid}", ckpt_dir / f".last.pt.tmp-{dead.pid}"]
+    live = ckpt_dir / f".ckpt-000000006.pt.tmp-{os.getppid()}"  # a writer still at work
+    for path in (*stale, live):
+        path.write_bytes(b"partial")
+    (ckpt_dir / "notes.tmp-1").write_text("not ours")  # only our own hidden temp names are touched
+    assert sorted(remove_stale_temp_files(ckpt_dir)) == sorted(stale)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted([live.name, "notes.tmp-1"])
+    stale[0].write_bytes(b"partial")  # a run starting in the folder cleans up too
+    task, _ = _toy_task("toy", nan_at=-1, run_dir=tmp_path)
+    train(task, Runtime(torch.device("cpu"), None, False, 0, 1), RuntimeConfig(progress=False, max_steps=1), tmp_path)
+    assert not stale[0].exists() and live.exists()
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2
