@@ -9,7 +9,9 @@ Model level (two ranks spawned here, compared with the same code run in this pro
   network after a few steps;
 * global batch norm: statistics, running averages and gradients of the concatenated batch;
 * evaluation over 2 ranks of a split whose size is odd counts every example once, with
-  ranks running different numbers of batches.
+  ranks running different numbers of batches;
+* resuming: rank 0 chooses the checkpoint and every rank loads it, even where another rank does
+  not list it yet; a rank that cannot read it stops every rank with one message.
 
 Launcher level: ``torchrun --nproc_per_node 2`` runs every stage on tiny data (one pretrain
 run, interrupted by ``--max-steps`` and resumed, shared by the later stages), writes one set of
@@ -42,6 +44,9 @@ from simclrv2.engine.evaluation import evaluate_classifier, topk_hits
 from simclrv2.config import ConfigError, OptimConfig, RuntimeConfig
 from simclrv2.engine.runtime import (Runtime, pick_device, pick_dtype, cpu_supports_bf16, prepare_model,
                                      setup_runtime, to_device_images, unwrap)
+from simclrv2.data.batches import TensorBatches
+from simclrv2.engine import checkpoint as ckpt_lib
+from simclrv2.engine.checkpoint import CheckpointError
 from simclrv2.engine.trainer import TrainTask, train
 from simclrv2.losses import l2_normalize, moco_contrastive_loss, nt_xent
 from simclrv2.memory import FeatureQueue, ema_update_
@@ -203,6 +208,38 @@ def _eval_case(net: nn.Module, rt: Runtime) -> dict:
             "expected": (100.0 * top1 / EVAL_SIZE, 100.0 * top5 / EVAL_SIZE)}
 
 
+def _resume_case(rt: Runtime, run_dir: Path) -> dict:
+    """The steps each rank resumes from when its own listing lags behind rank 0's (as on a shared
+    filesystem), and the errors when it cannot read rank 0's choice at all."""
+    def toy_train(max_steps: int) -> int:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        task = TrainTask(stage="toy", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         batches=TensorBatches(torch.randn(64, 4), torch.randint(0, 2, (64,)), 8),
+                         step_fn=lambda batch, step: (F.cross_entropy(model(batch[0]), batch[1]), {}),
+                         lr_fn=lambda step: 0.1, total_steps=8, images_per_step=8, checkpoint_meta={})
+        return train(task, rt, RuntimeConfig(progress=False, checkpoint_steps=2, max_steps=max_steps), run_dir)["step"]
+
+    toy_train(max_steps=4)  # ckpt-2 and ckpt-4
+    listed, loaded = ckpt_lib.step_checkpoints, ckpt_lib.load_checkpoint
+    if rt.rank == 1:  # ckpt-4 is not listed here yet
+        ckpt_lib.step_checkpoints = lambda folder: [p for p in listed(folder) if p.name != "ckpt-000000004.pt"]
+    out: dict = {"lagging_step": toy_train(max_steps=2)}  # resumes, takes no step, saves again
+    if rt.rank == 1:  # nor can it be read here
+        def unreadable(path, map_location="cpu"):
+            if Path(path).name == "ckpt-000000004.pt":
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            return loaded(path, map_location)
+        ckpt_lib.load_checkpoint = unreadable
+    try:
+        toy_train(max_steps=2)
+    except CheckpointError as err:
+        out["unreadable"] = str(err)
+    finally:
+        ckpt_lib.step_checkpoints, ckpt_lib.load_checkpoint = listed, loaded
+    return out
+
+
 def _worker(rank: int, tmpdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=WORLD,
@@ -217,6 +254,7 @@ def _worker(rank: int, tmpdir: str) -> None:
                                     if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
                    ddp=isinstance(pre["net"], nn.parallel.DistributedDataParallel))
         out["moco"] = _moco_run(data, rt, Path(tmpdir) / "moco")
+        out["resume"] = _resume_case(rt, Path(tmpdir) / "resume")
         torch.save(out, os.path.join(tmpdir, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -317,6 +355,14 @@ def test_evaluation_counts_every_example_once(runs):
         assert ev["result"]["num_examples"] == EVAL_SIZE
         assert (ev["result"]["top1"], ev["result"]["top5"]) == pytest.approx(ev["expected"], abs=1e-9)
     assert ranks[0]["eval"]["result"] == ranks[1]["eval"]["result"]
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(runs):
+    _, ranks, _ = runs
+    assert [out["resume"]["lagging_step"] for out in ranks] == [4, 4]
+    messages = [out["resume"].get("unreadable") for out in ranks]
+    assert messages[0] == messages[1] and messages[0].startswith("rank 1 cannot read ")
+    assert "ckpt-000000004.pt, the checkpoint rank 0 resumes from" in messages[0]
 
 
 def test_global_bn_is_plain_bn_in_one_process():
