@@ -4,8 +4,9 @@ The official code runs under a TPU ``tf.distribute`` strategy and gathers contra
 ``tpu_cross_replica_concat`` (tf2/objective.py). Here the same role is played by
 :func:`all_gather_with_grad`; the remaining helpers cover process-group set-up from ``torchrun``
 environment variables, exact evaluation counting across ranks, agreeing on rank 0's values and
-choices (:func:`broadcast_object`, :func:`decided_by_main`) and global batch norm on any device (:class:`GlobalBatchNorm`, the
-official ``global_bn``, for back-ends where ``torch.nn.SyncBatchNorm`` is unavailable: CPU/gloo).
+choices (:func:`broadcast_object`, :func:`decided_by_main`) and global batch norm on any device
+(:class:`GlobalBatchNorm`, the official ``global_bn``, for back-ends where
+``torch.nn.SyncBatchNorm`` is unavailable: CPU/gloo).
 """
 from __future__ import annotations
 
@@ -176,8 +177,8 @@ def decided_by_main(choose: Callable[[], Any]) -> Any:
     """Rank 0's ``choose()`` on every rank; what it raised there is raised on every rank.
 
     For choices that ranks could make differently, such as "the newest checkpoint" on a shared
-    filesystem where a new file shows up on one node before another. ``choose`` runs on rank 0
-    only; its result (or exception) must be picklable.
+    filesystem where a new file shows up on one node before another. Every rank must call it (it
+    is a collective); ``choose`` runs on rank 0 only, and its result or exception must be picklable.
     """
     if not is_dist():
         return choose()

@@ -78,7 +78,9 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Delete the temporary files that killed writers left in ``folder`` (those whose process is
-    gone) and return them. A live process's file is kept: it may still be renamed into place."""
+    gone) and return them. A live process's file is kept: it may still be renamed into place.
+    PIDs are only meaningful on this host; that is enough because a checkpoint folder has one
+    writer, rank 0 of the one run that holds the folder, which calls this before it writes."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -290,7 +292,8 @@ def latest_checkpoint_of_all_ranks(run_dir: Path, map_location: Any = "cpu") -> 
 
 
 def resolve_checkpoint(path_or_run_dir: str) -> Path:
-    """A ``.pt`` file as given, or a run folder's newest valid checkpoint (rank 0's choice on every rank)."""
+    """A ``.pt`` file as given, or a run folder's newest valid checkpoint: rank 0's choice, so
+    under a process group every rank must call it."""
     path = Path(path_or_run_dir)
     if path.is_dir():
         return dist.decided_by_main(lambda: _newest_valid(path))
