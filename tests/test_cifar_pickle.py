@@ -76,7 +76,7 @@ def test_python2_batches_load_as_the_originals_are_written(tmp_path):
     _expect(load_cifar("cifar10", tmp_path, "train"), written, [f"data_batch_{k}" for k in range(1, 6)])
 
 
-@pytest.mark.parametrize("protocol", [2, 4])  # 4: Python 3.8-3.13's default
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 4 and 5: the defaults of Python 3.8-3.13 and 3.14
 def test_python3_batches_load(tmp_path, protocol):
     def write(data, labels):
         return pickle.dumps({b"data": data, b"labels": labels, b"batch_label": b"x"}, protocol=protocol)

@@ -4,8 +4,9 @@ A pickle names the functions the reader calls to rebuild it, so ``pickle.load`` 
 ``data_batch_1`` runs whatever it names. The CIFAR files (written by Python 2's cPickle,
 protocol 2) hold only dicts, lists, strings and ints plus one numpy uint8 array, which numpy
 pickles as ``numpy.core.multiarray._reconstruct(numpy.ndarray, ...)`` with a ``numpy.dtype``;
-the same data written by Python 3 at protocol 2 adds ``_codecs.encode(text, "latin1")`` for
-bytes. Those are the only names :class:`CifarUnpickler` resolves; anything else is refused
+the same data written again by Python 3 adds ``_codecs.encode(text, "latin1")`` for bytes at
+protocol 2, or ``numpy._core.numeric._frombuffer`` at protocol 5. Those are the only names
+:class:`CifarUnpickler` resolves (each only builds arrays or bytes); anything else is refused
 before it is called.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import IO, Any
 
 import numpy as np
 
-_reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's array rebuilder, wherever numpy keeps it
+_reconstruct = np.zeros(0).__reduce_ex__(2)[0]  # numpy's array rebuilders, wherever numpy keeps them
+_frombuffer = np.zeros(0).__reduce_ex__(5)[0]
 
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -29,6 +31,8 @@ def _latin1(text: str, encoding: str = "latin1") -> bytes:
 ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,  # protocol 5 (Python 3.14's default)
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1,
