@@ -15,7 +15,8 @@ from simclrv2.data.datasets import DataError, build_dataset, load_cifar
 
 # Python 2 cPickle opcodes, as in the original cifar-10-python.tar.gz files (pickletools names)
 PROTO2, MARK, STOP, TUPLE, TUPLE1, TUPLE3 = b"\x80\x02", b"(", b".", b"t", b"\x85", b"\x87"
-EMPTY_DICT, EMPTY_LIST, SETITEMS, APPENDS, REDUCE, BUILD, NONE, NEWFALSE = b"}", b"]", b"u", b"e", b"R", b"b", b"N", b"\x89"
+EMPTY_DICT, EMPTY_LIST, SETITEMS, APPENDS = b"}", b"]", b"u", b"e"
+REDUCE, BUILD, NONE, NEWFALSE = b"R", b"b", b"N", b"\x89"
 
 
 def _global(module: str, name: str) -> bytes:
@@ -64,7 +65,8 @@ def _cifar10(root: Path, write) -> dict[str, tuple[np.ndarray, list[int]]]:
 
 
 def _expect(dataset, written, names) -> None:
-    assert torch.equal(dataset.images, torch.from_numpy(np.concatenate([written[n][0] for n in names])).view(-1, 3, 32, 32))
+    images = np.concatenate([written[n][0] for n in names]).reshape(-1, 3, 32, 32)
+    assert torch.equal(dataset.images, torch.from_numpy(images))
     assert dataset.labels.tolist() == [v for n in names for v in written[n][1]]
 
 

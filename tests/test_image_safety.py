@@ -59,7 +59,8 @@ def test_a_huge_declared_size_fails_before_decoding(tmp_path):
     assert (tmp_path / "c" / "bomb.png").stat().st_size < 2048
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning may stand in for the error
-        with pytest.raises(DataError, match=r"bomb.png: Image size \(100000000 pixels\) exceeds limit of 67108864 pixels.*decompression bomb"):
+        with pytest.raises(DataError, match=r"bomb.png: Image size \(100000000 pixels\) exceeds limit of 67108864 "
+                                            r"pixels.*decompression bomb"):
             ds.load(0)
 
 

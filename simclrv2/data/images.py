@@ -55,7 +55,8 @@ def decode_rgb_array(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
         if image.format == "PNG":
             check_png_rows(data)
         image.load()  # decode all of it now: data that ends early raises here
-        return rgb_array(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)
+        return rgb_array(image)
 
 
 @contextmanager
