@@ -125,3 +125,15 @@ def test_allowed_names_cannot_be_misused(tmp_path):
     batch.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"cat"]}, protocol=2))
     with pytest.raises(DataError, match="'labels' is not a list of integers"):
         build_dataset("cifar10", tmp_path, "test")
+
+
+def test_the_command_line_reports_a_crafted_batch_in_one_line(tmp_path, capsys):
+    from cli_checks import expect_one_line_error
+
+    target = tmp_path / "pwned"
+    _cifar10(tmp_path, _py2_batch)
+    crafted = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _CreatesFile(target, "system")}
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(crafted, protocol=2))
+    expect_one_line_error(capsys, ["pretrain", "--dataset", "cifar10", "--data-dir", tmp_path, "--run-dir",
+                                   tmp_path / "run", "--train-steps", "1"], "data_batch_3", "could run code")
+    assert not target.exists()

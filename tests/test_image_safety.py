@@ -289,3 +289,21 @@ def test_one_file_under_two_classes_is_an_error(tmp_path):
     os.symlink(tmp_path / "cat" / "a.png", tmp_path / "dog" / "a_too.png")
     with pytest.raises(DataError, match=r"dog/a_too.png and .*cat/a.png are the same file.*two class folders"):
         ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_the_command_line_reports_a_bomb_in_one_line_or_skips_it(tmp_path, capsys):
+    from cli_checks import expect_one_line_error
+
+    for i in range(4):
+        _write(tmp_path / "photos" / f"{i}.png", 40 * i)
+    (tmp_path / "photos" / "4_bomb.png").write_bytes(_bomb(10_000, 10_000))  # Pillow only warns at this size
+    args = ["pretrain", "--dataset", "folder", "--data-dir", tmp_path / "photos", "--image-size", "16",
+            "--resnet-depth", "18", "--width-multiplier", "0.125", "--train-batch-size", "5", "--train-steps", "1",
+            "--num-workers", "0", "--progress", "false", "--precision", "fp32", "--num-threads", "1"]
+    expect_one_line_error(capsys, [*args, "--run-dir", tmp_path / "a"], "4_bomb.png", "exceeds limit",
+                          "--skip-bad-images")
+    from simclrv2.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([str(a) for a in [*args, "--run-dir", tmp_path / "b", "--skip-bad-images", "true"]]) == 0
