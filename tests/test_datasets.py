@@ -211,7 +211,8 @@ def test_folder_strict_errors(tmp_path):
     (tmp_path / "empty").rmdir()
     ds = ImageFolderDataset(tmp_path, image_size=24)
     assert ds.classes == ["cat", "dog"] and len(ds) == 6
-    assert ds.sample_ids == ["a.png", "b.jpg", "corrupt.jpg", "grey.png", "rgba.png", "zero.png"]
+    assert ds.sample_ids == ["cat/a.png", "cat/b.jpg", "dog/corrupt.jpg", "dog/grey.png", "dog/rgba.png",
+                             "dog/zero.png"]
     with pytest.raises(DataError, match=r"cannot decode image .*corrupt.jpg.*--skip-bad-images"):
         ds[2]
     with pytest.raises(DataError, match=r"zero.png"):
@@ -220,7 +221,7 @@ def test_folder_strict_errors(tmp_path):
     (tmp_path / "dog" / "cut.png").write_bytes(good.read_bytes()[:60])  # truncated PNG
     with_cut = ImageFolderDataset(tmp_path)
     with pytest.raises(DataError, match=r"cut.png"):
-        with_cut.load(with_cut.sample_ids.index("cut.png"))
+        with_cut.load(with_cut.sample_ids.index("dog/cut.png"))
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing")
     (tmp_path / "nothing").mkdir()
@@ -313,8 +314,9 @@ def test_build_folder_splits(tmp_path):
     assert train.mode == "train" and val.mode == "eval" and val.root == tmp_path / "val"
     with pytest.raises(DataError, match="--data-dir"):
         build_dataset("folder", None)
-    with pytest.raises(DatasetNotFoundError, match="no train"):
-        build_dataset("folder", tmp_path / "val", "train")
+    (tmp_path / "train").rename(tmp_path / "elsewhere")
+    with pytest.raises(DatasetNotFoundError, match="no train sub-folder"):  # val/ alone is not a flat folder
+        build_dataset("folder", tmp_path, "train")
 
 
 def test_unknown_dataset_lists_choices():

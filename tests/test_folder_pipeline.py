@@ -11,7 +11,7 @@ from PIL import Image
 from simclrv2.cli import main
 from simclrv2.data import batches as B
 from simclrv2.data.augment import EvalTransform
-from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset
+from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
 from simclrv2.data.loader import shard_indices
 
 MODEL = ["--resnet-depth", "18", "--width-multiplier", "0.125"]
@@ -214,3 +214,74 @@ def test_evaluation_loaders_take_the_worker_count_and_end_with_their_pass(tmp_pa
     assert sum(len(images) for images, _ in loader) == 4
     training = B.train_batches(dataset, 2, 0, 0, 1, torch.device("cpu"), num_workers=1)
     assert training.dataloader.persistent_workers  # the training loader is reused every epoch
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretraining on any folder of images (issue 21, item 3)
+# ------------------------------------------------------------------------------------------------
+TINY_PRETRAIN = ["--subset", "8", "--max-steps", "2", "--train-batch-size", "4", "--image-size", "32", *MODEL,
+                 "--progress", "false", "--precision", "fp32", "--num-threads", "1", "--num-workers", "0"]
+
+
+def _metric_keys(run_dir: Path) -> set:
+    import json
+
+    return {key for line in (run_dir / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
+
+
+def test_pretrain_on_a_flat_folder_in_a_fresh_process(tmp_path):
+    """No class folders, no train/: every image under the folder (recursively) is pretraining data,
+    and the linear evaluation that needs labels is skipped."""
+    import os
+    import subprocess
+    import sys
+
+    from simclrv2.engine.checkpoint import load_checkpoint
+
+    for i in range(10):
+        _save(_random_image(36, 40, seed=i), tmp_path / "flat" / ("nested/deeper" if i > 6 else "") / f"{i}.png")
+    project = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project)}
+    proc = subprocess.run([sys.executable, "-m", "simclrv2", "pretrain", "--dataset", "folder", "--data-dir",
+                           str(tmp_path / "flat"), "--run-dir", str(tmp_path / "run"), *TINY_PRETRAIN],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    keys = _metric_keys(tmp_path / "run")
+    assert "contrast_loss" in keys and not any(k.startswith("linear_eval") or k.startswith("sup_") for k in keys)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["classes"] is None
+
+
+def test_pretrain_on_class_folders_without_splits_ignores_the_classes(tmp_path):
+    for i in range(8):
+        _save(_random_image(36, 40, seed=i), tmp_path / "photos" / f"k{i % 2}" / ("deep" if i > 4 else "") / f"{i}.png")
+    dataset = build_dataset("folder", tmp_path / "photos", "train", image_size=32)
+    assert len(dataset) == 8 and dataset.labels is None and dataset.classes == []
+    assert main([str(a) for a in ["pretrain", "--dataset", "folder", "--data-dir", tmp_path / "photos",
+                                  "--run-dir", tmp_path / "run", "--lineareval-while-pretraining", "true",
+                                  *TINY_PRETRAIN]]) == 0
+    assert not any(k.startswith("linear_eval") for k in _metric_keys(tmp_path / "run"))
+
+
+def test_labelled_stages_on_a_flat_folder_say_what_layout_they_need(tmp_path, capsys):
+    from cli_checks import expect_one_line_error
+
+    for i in range(4):
+        _save(_random_image(20, 20, seed=i), tmp_path / "flat" / f"{i}.png")
+    expect_one_line_error(capsys, ["finetune", "--dataset", "folder", "--data-dir", tmp_path / "flat", *MODEL,
+                                   "--run-dir", tmp_path / "run", "--train-steps", "1"],
+                          "has no labels", "train/<class>/ and val/<class>/")
+
+
+def test_a_label_file_of_relative_paths_selects_the_labelled_subset(tmp_path):
+    """The semi-supervised setting on a user's folder: all of train/ unlabelled for pretraining,
+    the images a label file lists (paths relative to train/) for fine-tuning."""
+    from simclrv2.config import DataConfig, LabelConfig
+    from simclrv2.stages import common as C
+
+    for c in range(2):
+        for i in range(4):
+            _save(_random_image(20, 20, seed=10 * c + i), tmp_path / "data" / "train" / f"k{c}" / f"{i}.png")
+    (tmp_path / "labels.txt").write_text("k1/2.png\nk0/3.png\n")
+    data = DataConfig(dataset="folder", data_dir=str(tmp_path / "data"), image_size=16)
+    full, labelled = C.labelled_train_set(data, LabelConfig(label_file=str(tmp_path / "labels.txt")), seed=0)
+    assert len(full) == 8 and labelled.sample_ids == ["k0/3.png", "k1/2.png"] and labelled.targets == [0, 1]

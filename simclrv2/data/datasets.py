@@ -8,18 +8,22 @@ class names. They are read from the datasets' standard local files, never downlo
 * Fashion-MNIST: the four official IDX files (``.gz`` or not), by default from
   ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu package ``dataset-fashion-mnist``);
 * CIFAR-10/100: the python-pickle batches (``cifar-10-batches-py/``, ``cifar-100-python/``),
-  read directly (no md5 check, unlike torchvision) -- pickles run code, so only use trusted files;
+  through an unpickler that builds only what those files hold (:mod:`.unpickle`), so a crafted
+  batch is refused instead of running code;
 * STL-10: the binary files in ``stl10_binary/`` (column-major images, labels 1..10 -> 0..9).
 
-Image folders (``root/<class>/<image>``) are :class:`ImageFolderDataset` objects that decode
-lazily with Pillow (libjpeg-turbo) in DataLoader workers and return fixed-size uint8 tensors so
+Image folders (``root/<split>/<class>/<image>``, or any folder of images for pretraining) are
+:class:`ImageFolderDataset` objects that decode lazily and defensively with Pillow
+(libjpeg-turbo, :mod:`.images`) in DataLoader workers and return fixed-size uint8 tensors so
 they batch; training crops are cut there from the full decoded image, as the official code does.
+
+Every split of a dataset numbers its classes alike: ``classes`` lists the class names in index
+order, fixed per dataset (CIFAR, STL-10, Fashion-MNIST) or, for folders, by the training split.
 """
 from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,8 @@ import torch
 from torch import Tensor
 
 from .augment import CROP_PROPORTION, center_crop_box, crop_resize, sample_crop_boxes
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageError, decode_rgb_array, list_images
+from .unpickle import load_cifar_pickle
 
 PathLike = Union[str, os.PathLike]
 
@@ -39,7 +45,6 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 DATASETS = ("embedded", "fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 FOLDER_MODES = ("eval", "train", "decode")
 DEFAULT_DATA_DIR = Path("data")
 _FOLDER_SPLITS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
@@ -120,7 +125,8 @@ class TensorImageDataset:
 
     @property
     def sample_ids(self) -> list[str]:
-        """Per-sample ids for subset files (the given ids, else the sample index as text)."""
+        """Per-sample ids for label files: the given ids, else the sample's index in the full
+        split as text. :meth:`subset` keeps them, so an id always names the same image."""
         return self.ids if self.ids is not None else [str(i) for i in range(len(self))]
 
     def subset(self, indices: Union[Tensor, Sequence[int]]) -> "TensorImageDataset":
@@ -132,8 +138,8 @@ class TensorImageDataset:
         else:
             images = images.index_select(0, idx)
         labels = None if self.labels is None else self.labels.index_select(0, idx)
-        ids = None if self.ids is None else [self.ids[i] for i in idx.tolist()]
-        return TensorImageDataset(images, labels, self.classes, self.name, ids)
+        ids = self.sample_ids
+        return TensorImageDataset(images, labels, self.classes, self.name, [ids[i] for i in idx.tolist()])
 
 
 def _grey_to_rgb(images: Tensor) -> Tensor:
@@ -220,11 +226,12 @@ _CIFAR = {
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch through the restricted unpickler: a crafted file is refused, never run."""
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
-    except Exception as err:  # noqa: BLE001 -- any unpickling failure means a damaged file
-        raise DataError(f"cannot read CIFAR batch {path}: {err}; replace the file") from err
+            raw = load_cifar_pickle(f)
+    except Exception as err:  # noqa: BLE001 -- any unpickling failure means a damaged or crafted file
+        raise DataError(f"cannot read CIFAR batch {path}: {err}; replace the file") from None
     if not isinstance(raw, dict):
         raise DataError(f"CIFAR batch {path} does not hold a dict; it is not a CIFAR python batch")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -253,8 +260,13 @@ def load_cifar(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
         batch = _unpickle(f)
         if "data" not in batch or spec["label_key"] not in batch:
             raise DataError(f"CIFAR batch {f} lacks 'data' or '{spec['label_key']}'; it is not a {name} batch")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        batch_labels = np.asarray(batch[spec["label_key"]], dtype=np.int64)
+        data = batch["data"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+            raise DataError(f"CIFAR batch {f}: 'data' is not a uint8 numpy array; replace the file")
+        batch_labels = np.asarray(batch[spec["label_key"]])
+        if batch_labels.ndim != 1 or batch_labels.dtype.kind not in "iu":
+            raise DataError(f"CIFAR batch {f}: '{spec['label_key']}' is not a list of integers; replace the file")
+        batch_labels = batch_labels.astype(np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != batch_labels.shape[0]:
             raise DataError(f"CIFAR batch {f}: data {data.shape} and {batch_labels.shape[0]} labels do not "
                             "match the (N, 3072) layout; replace the file")
@@ -336,7 +348,18 @@ def load_stl10(data_dir: Optional[PathLike] = None, split: str = "train") -> Ten
 # Image folders
 # ----------------------------------------------------------------------------------------------
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """``root/<class>/**/<image>`` decoded lazily to uint8 tensors.
+    """``root/<class>/**/<image>`` (or, unlabelled, ``root/**/<image>``) decoded lazily to uint8 tensors.
+
+    Classes are numbered by one list of names, ``classes`` (default: the class folders of
+    ``root``, sorted), so that every split of a dataset can share its training split's numbering:
+    a class folder that is not in the list is an error, a class without a folder is simply
+    empty. With ``labelled=False`` every image under ``root`` is a sample with label -1, in
+    class folders or not, since pretraining needs no labels.
+
+    Files are found and decoded by :mod:`simclrv2.data.images`: links followed without loops,
+    each real file once, sizes above ``max_pixels`` refused, every image mode to 8-bit RGB,
+    EXIF orientation applied, data that ends early an error. ``sample_ids`` are the paths
+    relative to ``root`` (e.g. ``cat/0001.jpg``), which label files may name.
 
     ``mode``:
 
@@ -361,33 +384,52 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: PathLike, image_size: int = 224, mode: str = "eval", skip_bad_images: bool = False,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, crop_proportion: Optional[float] = None,
-                 crops: int = 1):
+                 crops: int = 1, classes: Optional[Sequence[str]] = None, labelled: bool = True,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         if image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
         self.root = Path(root)
-        self.image_size, self.skip_bad_images = image_size, skip_bad_images
+        self.image_size, self.skip_bad_images, self.max_pixels = image_size, skip_bad_images, max_pixels
         self._set_mode(mode, crops, crop_proportion)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist; pass the folder that holds "
                                        "one sub-folder per class as --data-dir")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        exts = tuple(e.lower() for e in extensions)
+        self.empty_classes: list[str] = []
+        if labelled:
+            self.name = f"folder {self.root}"
+            self.classes = list(classes) if classes is not None else class_folders(self.root)
+            self.samples = self._labelled_samples(exts)
+        else:
+            self.name = f"folder {self.root} (unlabelled: labelled stages need train/<class>/ and val/<class>/)"
+            self.classes = []
+            self.samples = [(f, -1) for f in _list_images(self.root, exts, {})]
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(exts)}) found under {self.root}")
+
+    def _labelled_samples(self, exts: tuple[str, ...]) -> list[tuple[str, int]]:
         if not self.classes:
             raise DataError(f"no class folders in {self.root}; expected {self.root}/<class>/<image files>")
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        exts = tuple(e.lower() for e in extensions)
-        self.samples: list[tuple[str, int]] = []
-        self.empty_classes: list[str] = []
-        for c in self.classes:
-            files = _list_images(self.root / c, exts)
+        known = set(self.classes)
+        unknown = [c for c in class_folders(self.root) if c not in known]
+        if unknown:
+            raise DataError(f"class folder(s) {', '.join(unknown)} in {self.root} are not among the dataset's "
+                            f"{len(self.classes)} classes ({_shown(self.classes)}), which the training split "
+                            "defines; add them to train/ or remove them here")
+        samples: list[tuple[str, int]] = []
+        seen: dict[str, str] = {}  # one image under two class folders (through links) is an error
+        for index, c in enumerate(self.classes):
+            if not (self.root / c).is_dir():
+                continue  # a split may lack some classes; the others keep their indices
+            files = _list_images(self.root / c, exts, seen)
             if not files:
-                if not skip_bad_images:
+                if not self.skip_bad_images:
                     raise DataError(f"class folder {self.root / c} has no images ({', '.join(exts)}); remove it, "
                                     "add images, or pass --skip-bad-images to allow empty classes")
                 self.empty_classes.append(c)
                 warnings.warn(f"class folder {self.root / c} has no images; the class is kept but empty")
-            self.samples.extend((f, self.class_to_idx[c]) for f in files)
-        if not self.samples:
-            raise DataError(f"no images ({', '.join(exts)}) found under {self.root}")
+            samples.extend((f, index) for f in files)
+        return samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -397,8 +439,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return [label for _, label in self.samples]
 
     @property
-    def labels(self) -> Tensor:
-        return torch.tensor(self.targets, dtype=torch.long)
+    def labels(self) -> Optional[Tensor]:
+        """Labels (N,) int64, or None for an unlabelled folder."""
+        return torch.tensor(self.targets, dtype=torch.long) if self.classes else None
 
     @property
     def num_classes(self) -> int:
@@ -406,8 +449,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def sample_ids(self) -> list[str]:
-        """File names (e.g. ``n01440764_10026.JPEG``), the ids used by official subset files."""
-        return [os.path.basename(path) for path, _ in self.samples]
+        """Paths relative to ``root`` with ``/`` (e.g. ``n01440764/n01440764_10026.JPEG``); label files
+        name images by these or, as the official subset files do, by the file name alone."""
+        return [os.path.relpath(path, self.root).replace(os.sep, "/") for path, _ in self.samples]
 
     def _set_mode(self, mode: str, crops: int, crop_proportion: Optional[float]) -> None:
         if mode not in FOLDER_MODES:
@@ -439,10 +483,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """Decode and preprocess one image; raises :class:`DataError` naming a bad file."""
         path = self.samples[index][0]
         try:
-            image = decode_rgb(path)
+            image = decode_rgb(path, self.max_pixels)
         except Exception as err:  # noqa: BLE001 -- decoders raise OSError, ValueError, SyntaxError...
             raise DataError(f"cannot decode image {path}: {err}. Replace or delete the file, or pass "
-                            "--skip-bad-images to skip unreadable images") from err
+                            "--skip-bad-images to skip unreadable images") from None
         return self._transform(image)
 
     def _transform(self, image: Tensor) -> Tensor:
@@ -469,34 +513,54 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f"no readable image under {self.root}; every file failed to decode")
 
 
-def decode_rgb(path: PathLike) -> Tensor:
-    """Decode an image file to uint8 (3, H, W) RGB (grey, palette, RGBA, CMYK converted; first
-    frame of animations). Uses Pillow, as ``torchvision.io`` decoding is deprecated."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # decode now, so truncated or corrupt data raises here
-        rgb = img.convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+def decode_rgb(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
+    """Decode an image file to uint8 (3, H, W) RGB, trusting nothing in it
+    (:func:`~simclrv2.data.images.decode_rgb_array`). Uses Pillow, as ``torchvision.io``
+    decoding is deprecated."""
+    array = decode_rgb_array(Path(path).read_bytes(), max_pixels)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _list_images(directory: Path, extensions: tuple[str, ...]) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(extensions) and not f.startswith("."))
-    return found
+def class_folders(directory: Path) -> list[str]:
+    """The class names of a split: its visible sub-folder names, sorted."""
+    return sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _folder_split_dir(data_dir: Path, split: str) -> Path:
+def _list_images(directory: Path, extensions: tuple[str, ...], seen: dict[str, str]) -> list[str]:
+    try:
+        return list_images(str(directory), extensions, seen)
+    except ImageError as err:
+        raise DataError(f"{err}: an image cannot be in two class folders; remove one of them") from None
+    except OSError as err:
+        raise DataError(f"cannot list the images under {directory}: {err}") from None
+
+
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_folder(data_dir: PathLike, split: str = "train", image_size: int = 224, mode: Optional[str] = None,
+                skip_bad_images: bool = False) -> ImageFolderDataset:
+    """A split of a folder dataset: ``data_dir/<split>/<class>/**/<image>``, classes numbered by the
+    class folders of ``data_dir/train`` for every split (one mapping by class name).
+
+    A folder with none of the split sub-folders (``train``, ``val``, ``validation``, ``test``)
+    is, as its train split, every image under it, unlabelled: what pretraining needs.
+    """
+    data_dir = Path(data_dir)
     if split not in _FOLDER_SPLITS:
         raise DataError(f"folder split must be one of {sorted(_FOLDER_SPLITS)}, got {split!r}")
-    for name in _FOLDER_SPLITS[split]:
-        if (data_dir / name).is_dir():
-            return data_dir / name
-    raise DatasetNotFoundError(f"no {' or '.join(_FOLDER_SPLITS[split])} sub-folder in {data_dir}; a folder dataset "
-                               f"needs {data_dir}/train/<class>/<images> and {data_dir}/val/<class>/<images>")
+    mode = mode or ("train" if split == "train" else "eval")
+    split_dirs = [data_dir / name for name in _FOLDER_SPLITS[split] if (data_dir / name).is_dir()]
+    if split == "train" and not any((data_dir / name).is_dir() for names in _FOLDER_SPLITS.values() for name in names):
+        return ImageFolderDataset(data_dir, image_size, mode, skip_bad_images, labelled=False)
+    if not split_dirs:
+        raise DatasetNotFoundError(f"no {' or '.join(_FOLDER_SPLITS[split])} sub-folder in {data_dir}; a labelled "
+                                   f"folder dataset needs {data_dir}/train/<class>/<images> and "
+                                   f"{data_dir}/val/<class>/<images>")
+    train_dir = data_dir / "train"
+    classes = class_folders(train_dir) if train_dir.is_dir() else None
+    return ImageFolderDataset(split_dirs[0], image_size, mode, skip_bad_images, classes=classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,8 +575,9 @@ def build_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "
     """Load dataset ``name`` (one of :data:`DATASETS`; ``embedded`` = Fashion-MNIST).
 
     In-memory sets keep their native size (``image_size`` is applied later by the batched
-    augmentation or eval transform). For ``folder``, ``split`` selects ``data_dir/train`` or
-    ``data_dir/val`` (or ``test``), ``image_size`` defaults to 224 and ``folder_mode``
+    augmentation or eval transform). For ``folder`` (:func:`load_folder`), ``split`` selects
+    ``data_dir/train`` or ``data_dir/val`` (or ``test``), or for pretraining a folder without
+    those sub-folders, all of it; ``image_size`` defaults to 224 and ``folder_mode``
     defaults to ``train`` (one random crop per sample) for the train split and ``eval``
     otherwise; :mod:`simclrv2.data.batches` switches modes per use.
     """
@@ -525,7 +590,7 @@ def build_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "
         return load_stl10(data_dir, split)
     if key == "folder":
         if data_dir is None:
-            raise DataError("the folder dataset needs --data-dir (a folder with train/ and val/ sub-folders)")
-        mode = folder_mode or ("train" if split == "train" else "eval")
-        return ImageFolderDataset(_folder_split_dir(Path(data_dir), split), image_size or 224, mode, skip_bad_images)
+            raise DataError("the folder dataset needs --data-dir (a folder of images; labelled stages need its train/ "
+                            "and val/ sub-folders with one folder per class)")
+        return load_folder(data_dir, split, image_size or 224, folder_mode, skip_bad_images)
     raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")

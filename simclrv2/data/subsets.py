@@ -5,13 +5,14 @@ is shuffled once with the seed and the first k images are kept, so for one seed 
 subset is always contained in a larger one (1 % inside 10 %).
 
 ``read_subset_file``/``write_subset_file`` use the format of the official ImageNet subset
-files ``1percent.txt``/``10percent.txt``: one image file name per line, e.g.
-``n01440764_10026.JPEG``.
+files ``1percent.txt``/``10percent.txt``: one image id per line, e.g. ``n01440764_10026.JPEG``
+(a file name) or, for an image folder, a path relative to the split (``cat/0001.jpg``).
 """
 from __future__ import annotations
 
 import math
 import os
+import posixpath
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -55,26 +56,39 @@ def label_subset(labels: Union[Tensor, Sequence[int]], fraction: Optional[float]
 
 
 def read_subset_file(path: PathLike, image_ids: Sequence[str]) -> Tensor:
-    """Sorted indices of the samples whose id (file name) is listed in ``path``.
+    """Sorted indices of the samples listed in ``path``, one id per line.
 
-    Blank lines are ignored, repeated names count once; names not among ``image_ids`` raise a
-    ``ValueError`` that names the first few and the file.
+    An id names a sample exactly (an image folder's ids are paths relative to the split, e.g.
+    ``cat/0001.jpg``) or, as in the official files, by its file name alone (``0001.jpg``) when
+    just one sample has that name. Blank lines are ignored and repeats count once. Ids naming
+    no sample, or more than one, raise a ``ValueError`` that names the file and the first few.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"subset file {path} not found; pass a file with one image name per line")
+        raise FileNotFoundError(f"subset file {path} not found; pass a file with one image id per line")
     wanted = list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
     if not wanted:
         raise ValueError(f"subset file {path} lists no images")
-    position = {}
-    for i, image_id in enumerate(image_ids):
-        position.setdefault(os.path.basename(str(image_id)), i)
-    unknown = [w for w in wanted if os.path.basename(w) not in position]
+    by_id: dict[str, list[int]] = {}
+    by_name: dict[str, list[int]] = {}
+    for i, image_id in enumerate(map(str, image_ids)):
+        by_id.setdefault(image_id, []).append(i)
+        by_name.setdefault(posixpath.basename(image_id), []).append(i)
+    matches = {w: by_id.get(posixpath.normpath(w)) or ([] if "/" in w else by_name.get(w, [])) for w in wanted}
+    unknown = [w for w, found in matches.items() if not found]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} image ids in {path} are not in the dataset: {shown}; "
+        raise ValueError(f"{len(unknown)} image ids in {path} are not in the dataset: {_shown(unknown)}; "
                          "check that the file matches this dataset's training split")
-    return torch.sort(torch.tensor([position[os.path.basename(w)] for w in wanted], dtype=torch.long)).values
+    ambiguous = [f"{w} ({', '.join(str(image_ids[i]) for i in found[:3])})" for w, found in matches.items()
+                 if len(found) > 1]
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} image ids in {path} name more than one image: {_shown(ambiguous)}; "
+                         "write each as its path relative to the split folder")
+    return torch.tensor(sorted({found[0] for found in matches.values()}), dtype=torch.long)
+
+
+def _shown(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def write_subset_file(path: PathLike, image_ids: Iterable[str]) -> None:
