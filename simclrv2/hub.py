@@ -38,8 +38,8 @@ def is_model_folder(path: Path) -> bool:
 
 def parse_reference(reference: str) -> tuple[str, Optional[str]]:
     """``hf://ORG/NAME[@REVISION]`` -> (repo id, revision or None)."""
-    repo_id, _, revision = reference[len(HF_PREFIX):].partition("@")
-    if not _REPO_ID.match(repo_id) or (_ and not revision):
+    repo_id, at, revision = reference[len(HF_PREFIX):].partition("@")
+    if not _REPO_ID.match(repo_id) or (at and not revision):
         raise CheckpointError(f"{reference} is not a Hugging Face model reference; write hf://ORG/NAME or "
                               "hf://ORG/NAME@REVISION")
     return repo_id, revision or None
@@ -114,10 +114,10 @@ def model_card(spec: dict[str, Any], results: Optional[dict[str, Any]], name: st
     """The model card: Hub metadata, the architecture, the run's results and how to load it."""
     from simclrv2.convert import describe_architecture
 
-    title = spec["model_name"] or name
+    registered = f" (`{spec['model_name']}` in `simclrv2.list_models()`)" if spec["model_name"] else ""
     lines = ["---", f"library_name: {LIBRARY_NAME}", "license: apache-2.0",
              "tags: [simclrv2, self-supervised-learning, image-classification]", "---", "",
-             f"# {title}", "", f"SimCLRv2 (Chen et al., NeurIPS 2020) model trained with simclrv2: "
+             f"# {name}", "", f"A SimCLRv2 model (Chen et al., NeurIPS 2020) trained with simclrv2{registered}: "
              f"{describe_architecture(spec['model_config'])}; inputs of {spec['image_size'] or 'any'} px.", ""]
     if results is not None:
         labels = results.get("labels") or (f"{results['num_labelled']} labelled images"
@@ -132,6 +132,8 @@ def model_card(spec: dict[str, Any], results: Optional[dict[str, Any]], name: st
               "features = model.embed(images)       # float RGB in [0, 1], (N, 3, H, W), no mean/std normalisation"]
     if spec["model_config"].get("num_classes"):
         lines.append("probabilities = model.predict(images)")
+    if spec["model_name"]:
+        lines.append(f'model = simclrv2.create_model("{spec["model_name"]}", pretrained="hf://ORG/{name}")  # the same')
     lines += ["```", "", f"Upload: `huggingface_hub.upload_folder(repo_id=\"ORG/{name}\", folder_path=\"{name}\")`.", ""]
     return "\n".join(lines)
 
