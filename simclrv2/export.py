@@ -161,10 +161,10 @@ def model_from_config(config: Mapping[str, Any], state: Mapping[str, torch.Tenso
             model = build_simclrv2_model(**config)
         model.load_state_dict(state, strict=True, assign=True)
         model.mode = mode
+        model.image_size = None if image_size is None else int(image_size)
     except (TypeError, ValueError, RuntimeError) as err:
         detail = next((line.strip() for line in str(err).splitlines() if line.strip()), repr(err))
         raise CheckpointError(f"{source} does not fit its recorded architecture: {detail}") from None
-    model.image_size = None if image_size is None else int(image_size)
     return model
 
 
