@@ -14,7 +14,15 @@
   ``simclrv2.load`` rebuilds it; works for every encoder.
 * ``onnx``: a graph from images (N, 3, H, W) in [0, 1] to ``features`` (pooled encoder output),
   ``projection`` and, with a supervised head, ``logits``; the batch is dynamic, H and W are
-  fixed at export because the TF ``SAME`` paddings depend on them.
+  fixed at export because the TF ``SAME`` paddings depend on them. Needs the ``export`` extra
+  (``pip install 'simclrv2[export]'``: onnx, and onnxruntime for the check of the written graph).
+* ``hf``: a folder for the Hugging Face Hub (``simclrv2.hub``): safetensors, ``config.json`` and
+  a model card with the run's results.
+
+Every file is written atomically (a temporary file renamed into place; the ``hf`` folder is
+written as a temporary sibling folder and renamed), so an export that exists is complete. An
+existing output is replaced only with ``force=True`` (``--force``), and a folder only when it is
+an earlier ``hf`` export.
 """
 from __future__ import annotations
 
@@ -22,17 +30,19 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
+from simclrv2.engine.checkpoint import CheckpointError, atomic_save, atomic_write
 from simclrv2.models import SimCLRv2Model, build_simclrv2_model
 from simclrv2.models.resnet import MaxPool2dSame
 
-FORMATS = ("torchvision", "safetensors", "onnx")
+FORMATS = ("torchvision", "safetensors", "onnx", "hf")
 SAFETENSORS_CONFIG_KEY = "simclrv2_model_config"
 ONNX_OPSET = 17
+ONNX_MAX_BYTES = 2**31 - 2**24  # one protobuf message holds < 2 GiB; leave room for the graph itself
 _TORCHVISION_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
                        ("bottleneck", (3, 4, 23, 3)): 101, ("bottleneck", (3, 8, 36, 3)): 152,
                        ("bottleneck", (3, 24, 36, 3)): 200}
@@ -121,19 +131,45 @@ def torchvision_resnet(state: Mapping[str, torch.Tensor], tf_same_pool: bool = F
 # ----------------------------------------------------------------------------- safetensors
 
 
-def save_safetensors(model: SimCLRv2Model, path: str | Path) -> None:
-    """The model's state dict as safetensors, with ``model_config_of(model)`` as JSON metadata."""
-    from safetensors.torch import save_file
+def safetensors_bytes(model: SimCLRv2Model, classes: Optional[list] = None) -> bytes:
+    """The model's state dict as safetensors, with ``model_config_of(model)``, the image size and
+    the class names as JSON metadata."""
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config_of(model)), "format": "simclrv2"}
     if model.image_size is not None:
         metadata["image_size"] = str(model.image_size)
-    save_file(state, str(path), metadata=metadata)
+    if classes:
+        metadata["classes"] = json.dumps(list(classes))
+    return save(state, metadata=metadata)
 
 
-def load_safetensors(path: str | Path) -> SimCLRv2Model:
-    """Rebuild a model written by ``save_safetensors``."""
+def save_safetensors(model: SimCLRv2Model, path: str | Path, classes: Optional[list] = None) -> None:
+    """``safetensors_bytes`` written atomically to ``path``."""
+    data = safetensors_bytes(model, classes)
+    atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def model_from_config(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], image_size: Optional[int],
+                      source: str) -> SimCLRv2Model:
+    """The model ``config`` (``model_config_of``'s form) describes, holding ``state``."""
+    config = dict(config)
+    mode = config.pop("mode", "pretrain")
+    try:
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = build_simclrv2_model(**config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.mode = mode
+        model.image_size = None if image_size is None else int(image_size)
+    except (TypeError, ValueError, RuntimeError) as err:
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), repr(err))
+        raise CheckpointError(f"{source} does not fit its recorded architecture: {detail}") from None
+    return model
+
+
+def read_safetensors(path: str | Path) -> tuple[SimCLRv2Model, Optional[list]]:
+    """(model, class names or None) of a file written by ``save_safetensors``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -141,14 +177,14 @@ def load_safetensors(path: str | Path) -> SimCLRv2Model:
         metadata = handle.metadata() or {}
     if SAFETENSORS_CONFIG_KEY not in metadata:
         raise ExportError(f"{path} has no {SAFETENSORS_CONFIG_KEY} metadata; it was not written by simclrv2 export")
-    config = json.loads(metadata[SAFETENSORS_CONFIG_KEY])
-    mode = config.pop("mode", "pretrain")
-    with torch.device("meta"):  # no random init: every tensor comes from the file
-        model = build_simclrv2_model(**config)
-    model.load_state_dict(load_file(str(path)), strict=True, assign=True)
-    model.mode = mode
-    model.image_size = int(metadata["image_size"]) if "image_size" in metadata else None
-    return model
+    model = model_from_config(json.loads(metadata[SAFETENSORS_CONFIG_KEY]), load_file(str(path)),
+                              metadata.get("image_size"), str(path))
+    return model, json.loads(metadata["classes"]) if "classes" in metadata else None
+
+
+def load_safetensors(path: str | Path) -> SimCLRv2Model:
+    """Rebuild a model written by ``save_safetensors``."""
+    return read_safetensors(path)[0]
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -175,16 +211,32 @@ class InferenceOutputs(nn.Module):
         return outputs
 
 
+def require_onnx() -> None:
+    """Fail in one line, naming the extra, where the ``onnx`` package (which the exporter needs) is missing."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'simclrv2[export]'") from None
+
+
 def export_onnx(model: SimCLRv2Model, path: str | Path, image_size: int, opset: int = ONNX_OPSET) -> List[str]:
-    """Write the ONNX graph of ``InferenceOutputs`` for ``image_size`` x ``image_size`` inputs and a
-    dynamic batch (TorchScript-based exporter, which needs no extra package); returns output names."""
+    """Write (atomically) the ONNX graph of ``InferenceOutputs`` for ``image_size`` x ``image_size``
+    inputs and a dynamic batch (TorchScript-based exporter); returns the output names."""
+    require_onnx()
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size > ONNX_MAX_BYTES:
+        raise ExportError(f"the model's {size / 2**30:.1f} GiB of weights exceed what one ONNX file holds (2 GiB); "
+                          "export with --format safetensors")
     wrapper = InferenceOutputs(model).eval()
     names = wrapper.output_names
     example = torch.rand(2, 3, image_size, image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["images"], output_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in ["images", *names]}, opset_version=opset)
+
+    def write(handle) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), handle, dynamo=False, input_names=["images"], output_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in ["images", *names]}, opset_version=opset)
+    atomic_write(Path(path), write)
     return names
 
 
@@ -204,20 +256,42 @@ def onnx_max_difference(model: SimCLRv2Model, path: str | Path, image_size: int,
 # ----------------------------------------------------------------------------- one entry point
 
 
-def export_model(model: SimCLRv2Model, out: str | Path, fmt: str, image_size: int = 224) -> List[str]:
-    """Write ``model`` to ``out`` in ``fmt`` (one of ``FORMATS``); returns lines describing the result."""
+def check_output(out: Path, fmt: str, force: bool) -> None:
+    """Refuse an output that exists unless ``force``; never replace a folder other than an ``hf`` export."""
+    from simclrv2.hub import is_export_folder
+
+    if fmt != "hf" and out.is_dir():
+        raise ExportError(f"output {out} is a folder; name the file to write")
+    if fmt == "hf" and out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} is a file; --format hf writes a folder")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if fmt == "hf" and not is_export_folder(out):
+        raise ExportError(f"output {out} is a folder that simclrv2 export did not write; choose a new folder")
+    if not force:
+        raise ExportError(f"output {out} already exists; pass --force to replace it, or choose another path")
+
+
+def export_model(model: SimCLRv2Model, out: str | Path, fmt: str, image_size: int = 224, force: bool = False,
+                 classes: Optional[list] = None, run_dir: Optional[Path] = None) -> List[str]:
+    """Write ``model`` to ``out`` in ``fmt`` (one of ``FORMATS``); returns lines describing the result.
+    ``classes`` (the class names) go into the safetensors metadata and the ``hf`` config, ``run_dir``'s
+    results into the ``hf`` model card."""
     out = Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if out.is_dir():
-        raise ExportError(f"output {out} is a folder; name the file to write")
+    check_output(out, fmt, force)
+    if fmt == "onnx":
+        require_onnx()
+        if image_size <= 0:
+            raise ExportError(f"--image-size must be positive, got {image_size}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()  # exports are made on the CPU; the caller's model stays put
     model = model.eval()
     if fmt == "torchvision":
         state = torchvision_state_dict(model)
-        torch.save(state, out)
+        atomic_save(state, out)
         depth = model.encoder.depth
         lines = [f"wrote a torchvision resnet{depth} state dict ({len(state)} tensors) to {out}",
                  "inputs are RGB in [0, 1] without mean/std normalisation; torchvision's max-pool pads differently "
@@ -229,15 +303,17 @@ def export_model(model: SimCLRv2Model, out: str | Path, fmt: str, image_size: in
                          "instead of the stock constructor")
         return lines
     if fmt == "safetensors":
-        save_safetensors(model, out)
+        save_safetensors(model, out, classes)
         return [f"wrote {out} (load with simclrv2.load or safetensors.torch.load_file)"]
-    if image_size <= 0:
-        raise ExportError(f"--image-size must be positive, got {image_size}")
+    if fmt == "hf":
+        from simclrv2.hub import write_folder
+
+        return write_folder(model, out, classes, run_dir)
     names = export_onnx(model, out, image_size)
     lines = [f"wrote {out}: images (N, 3, {image_size}, {image_size}) in [0, 1] -> {', '.join(names)}"]
     try:
         diffs = onnx_max_difference(model, out, image_size)
     except ImportError:
-        return lines + ["onnxruntime is not installed; the graph was not checked"]
+        return lines + ["onnxruntime is not installed, so the graph was not checked (pip install 'simclrv2[export]')"]
     lines.append("onnxruntime check, max |diff| vs PyTorch: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     return lines

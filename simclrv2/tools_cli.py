@@ -42,25 +42,37 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     from simclrv2.export import FORMATS
 
     parser.add_argument("checkpoint", metavar="CKPT_OR_RUN",
-                        help="run folder, checkpoint .pt, .safetensors, or an official TF checkpoint/SavedModel")
-    parser.add_argument("out", metavar="OUT", help="file to write")
+                        help="run folder, checkpoint .pt, .safetensors, exported folder, hf://ORG/NAME, or an "
+                             "official TF checkpoint/SavedModel")
+    parser.add_argument("out", metavar="OUT", help="file to write (a folder for --format hf)")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                         help="torchvision: state dict for torchvision.models.resnet* (width 1x, no SK); "
-                             "safetensors: the whole model; onnx: images -> features, projection, logits")
+                             "safetensors: the whole model; onnx: images -> features, projection, logits "
+                             "(pip install 'simclrv2[export]'); hf: a Hugging Face Hub folder (safetensors, "
+                             "config.json, a model card with the run's eval.json results)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="ONNX input height and width; default: the size the checkpoint was trained on, "
                              "else 32 for the CIFAR stem and 224 otherwise")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing OUT (atomically); a folder only if it is an earlier --format hf export")
 
 
 def _export(args: argparse.Namespace) -> int:
-    from simclrv2.api import load
-    from simclrv2.export import ExportError, export_model
+    from pathlib import Path
 
+    from simclrv2.api import load_with_classes
+    from simclrv2.export import ExportError, check_output, export_model, require_onnx
+
+    source = Path(args.checkpoint)
     try:
-        model = load(args.checkpoint)
+        check_output(Path(args.out), args.fmt, args.force)  # before the (possibly long) load
+        if args.fmt == "onnx":
+            require_onnx()
+        model, classes = load_with_classes(args.checkpoint)
         size = next(s for s in (args.image_size, model.image_size, 32 if model.encoder.cifar_stem else 224)
                     if s is not None)
-        lines = export_model(model, args.out, args.fmt, image_size=size)
+        lines = export_model(model, args.out, args.fmt, image_size=size, force=args.force, classes=classes,
+                             run_dir=source if source.is_dir() else None)
     except ExportError as err:
         return _fail("export", err)
     print("\n".join(lines))
@@ -86,7 +98,8 @@ def _report(args: argparse.Namespace) -> int:
 TOOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "convert-tf": ("Convert an official SimCLRv2 TensorFlow 2 checkpoint or SavedModel to a simclrv2 checkpoint.",
                    _convert_arguments, _convert),
-    "export": ("Export a model as a torchvision state dict, safetensors or ONNX.", _export_arguments, _export),
+    "export": ("Export a model as a torchvision state dict, safetensors, ONNX or a Hugging Face Hub folder.",
+               _export_arguments, _export),
     "report": ("Training curves and the accuracy table of a run folder as PNGs and one HTML page.",
                _report_arguments, _report),
 }

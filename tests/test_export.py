@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +35,8 @@ from simclrv2.export import (
 )
 from simclrv2.models import build_simclrv2_model
 from simclrv2.models.official_keys import official_state_dict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _random_model(**kwargs):
@@ -204,3 +210,90 @@ def test_onnx_export_defaults_to_the_trained_image_size(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "m3.onnx"), "--format", "onnx",
                      "--image-size", "0"]) == 2
     assert "--image-size must be positive, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- atomic writes, --force, extras
+
+
+def _write_then_fail(*args, **kwargs):
+    """A writer that puts some bytes where it was told to write, then fails (a full disk, a kill)."""
+    target = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, (str, Path)) or hasattr(a, "write"))
+    if hasattr(target, "write"):
+        target.write(b"partial")
+    else:
+        Path(target).write_bytes(b"partial")
+    raise OSError("No space left on device")
+
+
+def _fail(*args, **kwargs):
+    raise OSError("No space left on device")
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, num_proj_layers=1, proj_out_dim=8)
+
+
+@pytest.mark.parametrize("fmt, patch", [
+    ("torchvision", [(torch, "save", _write_then_fail)]),
+    ("onnx", [(torch.onnx, "export", _write_then_fail)]),
+    ("safetensors", [("safetensors.torch", "save_file", _write_then_fail), (os, "fsync", _fail)]),
+])
+def test_a_failed_export_leaves_no_output_file(tmp_path, monkeypatch, r18, fmt, patch):
+    """A write that dies half way leaves nothing under the output's name (formerly a torn file)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    for owner, name, replacement in patch:
+        monkeypatch.setattr(__import__(owner, fromlist=["_"]) if isinstance(owner, str) else owner, name, replacement)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(r18, tmp_path / f"m.{fmt}", fmt, image_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_to_replace_an_output_without_force(tmp_path, capsys, r18):
+    out = tmp_path / "last.pt"
+    out.write_bytes(b"a checkpoint")
+    with pytest.raises(ExportError, match=f"output {out} already exists; pass --force to replace it"):
+        export_model(r18, out, "torchvision")
+    assert out.read_bytes() == b"a checkpoint"
+    save_safetensors(r18, tmp_path / "m.safetensors")
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(out), "--format", "torchvision"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"a checkpoint"
+    assert cli.main(["export", str(tmp_path / "m.safetensors"), str(out), "--format", "torchvision", "--force"]) == 0
+    assert set(torch.load(out, weights_only=True)) == set(torchvision_state_dict(r18))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "m.safetensors"]
+
+
+def test_onnx_export_without_the_onnx_package_names_the_extra(tmp_path, monkeypatch):
+    model = build_simclrv2_model(depth=18, width_multiplier=0.125, cifar_stem=True).eval()
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    for call in (lambda: export_model(model, tmp_path / "m.onnx", "onnx", 32), lambda: export_onnx(model, tmp_path / "m.onnx", 32)):
+        with pytest.raises(ExportError, match=r"^ONNX export needs the onnx package: pip install 'simclrv2\[export\]'$"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_command_without_onnx_in_a_fresh_process(tmp_path):
+    """``python -m simclrv2 export --format onnx`` where ``import onnx`` fails: one line, exit 2."""
+    model = build_simclrv2_model(depth=18, width_multiplier=0.125, cifar_stem=True)
+    save_safetensors(model, tmp_path / "m.safetensors")
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "onnx.py").write_text("raise ImportError(\"No module named 'onnx'\")\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "simclrv2", "export", str(tmp_path / "m.safetensors"),
+                           str(tmp_path / "m.onnx"), "--format", "onnx"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == "simclrv2 export: error: ONNX export needs the onnx package: pip install 'simclrv2[export]'\n"
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_refuses_models_over_two_gigabytes(tmp_path):
+    pytest.importorskip("onnx")
+    with torch.device("meta"):
+        model = build_simclrv2_model(depth=152, width_multiplier=3.0, sk_ratio=0.0625)
+    with pytest.raises(ExportError, match=r"3.2 GiB of weights exceed what one ONNX file holds \(2 GiB\)"):
+        export_onnx(model, tmp_path / "big.onnx", 224)
+    assert list(tmp_path.iterdir()) == []

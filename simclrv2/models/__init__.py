@@ -1,5 +1,6 @@
-"""SimCLRv2 models: ResNet encoders (optionally selective-kernel), projection and supervised heads."""
+"""SimCLRv2 models: ResNet encoders (optionally selective-kernel), projection and supervised heads, by name."""
 from .heads import ProjectionHead, SupervisedHead
+from .registry import create_model, list_models
 from .resnet import RESNET_SPECS, ResNet, build_resnet, count_parameters
 from .simclr import SimCLRv2Model, build_simclrv2_model
 
@@ -12,4 +13,6 @@ __all__ = [
     "build_resnet",
     "build_simclrv2_model",
     "count_parameters",
+    "create_model",
+    "list_models",
 ]
