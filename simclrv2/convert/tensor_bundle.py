@@ -43,6 +43,7 @@ MAX_RANK = 254  # TensorShape::MaxDimensions
 READER_VERSION = 1  # kTensorBundleVersion
 LITTLE_ENDIAN, BIG_ENDIAN = 0, 1
 DT_STRING = 7
+SLICE_KEY_PREFIX = b"\x00"  # checkpoint::EncodeTensorNameSlice keys start with OrderedCode's 0
 DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 4: "u1", 5: "<i2", 6: "i1", 8: "<c8", 9: "<i8", 10: "?", 17: "<u2",
           18: "<c16", 19: "<f2", 22: "<u4", 23: "<u8"}  # tensorflow/core/framework/types.proto
 
@@ -194,6 +195,8 @@ class TensorBundle:
                                   f"reads version {READER_VERSION} (the checkpoint is from a newer TensorFlow)")
         self.entries: Dict[str, Entry] = {}
         for key, value in table.items():
+            if key.startswith(SLICE_KEY_PREFIX):
+                continue  # one slice of a partitioned tensor, reached only through that tensor's entry
             try:
                 name = key.decode("utf-8")
             except UnicodeDecodeError:
@@ -224,10 +227,13 @@ class TensorBundle:
     def _lookup(self, key: str) -> Entry:
         if key not in self.entries:
             raise ConversionError(f"{self.index_path} has no tensor {key}")
-        entry = self.entries[key]
+        return self.entries[key]
+
+    def _readable(self, key: str) -> Entry:
+        entry = self._lookup(key)
         if entry.sliced:
-            raise ConversionError(f"{self.index_path}: tensor {key} is saved in slices (a partitioned variable), "
-                                  "which this reader does not support")
+            raise ConversionError(f"{self.index_path}: tensor {key} is saved in slices (a partitioned variable or a "
+                                  "sharding policy), which this reader does not support; re-save it unpartitioned")
         return entry
 
     def data_path(self, shard: int) -> str:
@@ -255,7 +261,7 @@ class TensorBundle:
 
     def read(self, key: str) -> np.ndarray:
         """The tensor ``key`` as a new array (strings as an object array of ``bytes``), checksum verified."""
-        entry = self._lookup(key)
+        entry = self._readable(key)
         if entry.dtype == DT_STRING:
             return self._strings(key, entry)
         if entry.dtype not in DTYPES:
