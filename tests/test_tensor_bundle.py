@@ -238,6 +238,8 @@ def _graph(children, tensor: str | None = None) -> bytes:
     (_graph([("model", 7)]), "refers to nodes outside its 1 nodes"),
     (_graph([("model", 1)]) + _graph([("w", 2)]) + _graph([], "model/w/.ATTRIBUTES/VARIABLE_VALUE"),
      "names 1 tensor\\(s\\) the index lacks"),
+    (_graph([("model", 1)]) + b"".join(_graph([("a", i + 1), ("b", i + 1)]) for i in range(1, 40))
+     + _graph([], "w"), "more than 100000 paths"),  # 2**39 paths through a chain of doubled edges
     (b"\x0a\x05\x0a", "not a valid TrackableObjectGraph"),
     (b"", "object graph is empty"),
 ])

@@ -31,7 +31,8 @@ BOOKKEEPING_EDGES = frozenset({
     "regularization_losses", "keras_api", "signatures", "trainable_variables_list", "__call__",
     "call_and_return_all_conditional_losses", "call_and_return_conditional_losses",
 })
-MAX_PATHS = 1_000_000
+MAX_PATHS = 100_000  # an official R152-3x checkpoint has a few thousand
+MAX_DEPTH = 64  # official keys nest about 12 objects deep
 MAX_STATE_FILE_BYTES = 1 << 20
 GLOBAL_STEP_KEY = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 OBJECT_GRAPH = {1: Field("nodes", {  # tensorflow/core/protobuf/trackable_object_graph.proto
@@ -140,22 +141,24 @@ def _child(nodes: Sequence[Node], node: int, name: str) -> int | None:
 
 def structural_keys(nodes: Sequence[Node]) -> Dict[str, int]:
     """``{structural key: variable node}`` for every path from the root's ``model`` child to a
-    variable that avoids Keras' bookkeeping edges (cycles are not followed)."""
+    variable that avoids Keras' bookkeeping edges (cycles are not followed). Paths are counted as
+    they are found, so a hostile graph (one with exponentially many paths) fails fast."""
     model = _child(nodes, 0, MODEL_EDGE)
     if model is None:
         return {}
     found: Dict[str, int] = {}
     stack: List[Tuple[int, str, frozenset]] = [(model, MODEL_EDGE, frozenset({0, model}))]
-    visited = 0
+    paths = 1
     while stack:
         node, path, on_path = stack.pop()
-        visited += 1
-        if visited > MAX_PATHS:
-            raise ConversionError(f"the checkpoint's object graph has more than {MAX_PATHS} paths; not a SimCLRv2 model")
         if nodes[node].tensor is not None:
             found[path] = node
         for name, child in nodes[node].children:
             if name not in BOOKKEEPING_EDGES and child not in on_path:
+                paths += 1
+                if paths > MAX_PATHS or len(on_path) > MAX_DEPTH:
+                    raise ConversionError(f"the checkpoint's object graph has more than {MAX_PATHS} paths or nests "
+                                          f"deeper than {MAX_DEPTH} objects; not a SimCLRv2 model")
                 stack.append((child, f"{path}/{name}", on_path | {child}))
     return found
 
