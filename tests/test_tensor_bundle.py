@@ -206,12 +206,20 @@ def test_hostile_entries_raise_one_line_errors(tmp_path, name):
     assert "\n" not in str(caught.value)
 
 
+def _prefix_bomb() -> bytes:
+    """A block whose keys each repeat a 900-byte prefix: 5 bytes of block per 901 bytes of key."""
+    entries = _varint(0) + _varint(900) + _varint(0) + b"k" * 900
+    entries += b"".join(_varint(900) + _varint(1) + _varint(0) + bytes([i]) for i in range(1, 256))
+    return entries + b"\0\0\0\0" + (1).to_bytes(4, "little")
+
+
 @pytest.mark.parametrize("table, match", [
     (lambda: _table([], data_block=b"\x05\x00\x00" + _block([])), "runs past its key or block"),  # shares 5 bytes of b""
     (lambda: _table([], data_block=_block([(b"a", b"")], restarts=1)[:-4] + (1 << 30).to_bytes(4, "little")),
      "restart points"),
     (lambda: _table([(b"", _header())], data_block=_block([(b"", _header()), (b"k", b""), (b"k", b"")])),
      "out of order"),
+    (lambda: _table([], data_block=_prefix_bomb()), "implausibly long"),
     (lambda: _table([(b"", _header())], compression=1), "snappy-compressed"),
     (lambda: _table([(b"", _header())], compression=7), "unknown compression type 7"),
     (lambda: _table([(b"k", b"")]), "no bundle header entry"),

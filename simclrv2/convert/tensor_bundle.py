@@ -38,7 +38,7 @@ TABLE_MAGIC = 0xDB4775248B80FB57
 BLOCK_TRAILER_SIZE = 5
 NO_COMPRESSION, SNAPPY = 0, 1
 MAX_INDEX_BYTES = 256 << 20
-KEY_BYTES_PER_INDEX_BYTE = 16  # prefix compression bound: more key bytes than this means a malformed table
+KEY_BYTES_PER_BLOCK_BYTE = 16  # prefix compression saves far less in TF's keys: more means a hostile block
 MAX_RANK = 254  # TensorShape::MaxDimensions
 READER_VERSION = 1  # kTensorBundleVersion
 LITTLE_ENDIAN, BIG_ENDIAN = 0, 1
@@ -98,14 +98,15 @@ def _block(table: memoryview, handle: Tuple[int, int], path: str) -> memoryview:
 
 
 def _block_entries(block: memoryview, path: str) -> Iterator[Tuple[bytes, memoryview]]:
-    """(key, value) of each entry: varints shared, unshared, value size; the unshared key bytes; the value."""
+    """(key, value) of each entry: varints shared, unshared, value size; the unshared key bytes; the
+    value. The keys' total length is bounded, so shared prefixes cannot blow up time or memory."""
     if len(block) < 4:
         raise damaged(path, "block is shorter than its restart count")
     restarts = int.from_bytes(block[-4:], "little")
     end = len(block) - 4 - 4 * restarts
     if restarts < 1 or end < 0:
         raise damaged(path, f"block claims {restarts} restart points")
-    position, key = 0, b""
+    position, key, key_bytes = 0, b"", 0
     while position < end:
         shared, position = read_varint(block, position, end)
         unshared, position = read_varint(block, position, end)
@@ -113,6 +114,9 @@ def _block_entries(block: memoryview, path: str) -> Iterator[Tuple[bytes, memory
         if shared > len(key) or unshared + value_size > end - position:
             raise damaged(path, f"block entry at byte {position} runs past its key or block")
         key = key[:shared] + bytes(block[position: position + unshared])
+        key_bytes += len(key)
+        if key_bytes > KEY_BYTES_PER_BLOCK_BYTE * len(block):
+            raise damaged(path, f"block keys are implausibly long at {key[:60]!r}")
         position += unshared
         yield key, block[position: position + value_size]
         position += value_size
@@ -133,15 +137,14 @@ def read_table(data: bytes, path: str) -> Dict[bytes, memoryview]:
         table = memoryview(data)[:-FOOTER_SIZE]
         _block(table, metaindex, path)  # holds no entries TensorFlow uses; checked all the same
         entries: Dict[bytes, memoryview] = {}
-        previous, key_bytes = None, 0
+        previous = None
         for _, value in _block_entries(_block(table, index, path), path):
             handle, end = _handle(value, 0, len(value))
             if end != len(value):
                 raise damaged(path, "index block entry is not a block handle")
             for key, entry in _block_entries(_block(table, handle, path), path):
-                key_bytes += len(key)
-                if (previous is not None and key <= previous) or key_bytes > KEY_BYTES_PER_INDEX_BYTE * len(data):
-                    raise damaged(path, f"keys are out of order or implausibly long at {key[:60]!r}")
+                if previous is not None and key <= previous:
+                    raise damaged(path, f"keys are out of order at {key[:60]!r}")
                 entries[key] = entry
                 previous = key
     except WireError as err:
