@@ -260,8 +260,9 @@ def tf_written(tmp_path_factory, request):
     models = {_case_id(k): _randomised(build_simclrv2_model(**k)) for k in TF_CASES}
     models["small"] = _randomised(build_simclrv2_model(**SMALL))
     arrays = {name: _official_arrays(model) for name, model in models.items()}
-    arrays.update(extra=_official_arrays(models["small"], extra=EXTRA),
-                  missing=_official_arrays(models["small"], drop=GONE), bias=_official_arrays(models["small"], drop=BIAS))
+    small = models["small"]
+    arrays.update(extra=_official_arrays(small, extra=EXTRA), missing=_official_arrays(small, drop=GONE),
+                  bias=_official_arrays(small, drop=BIAS))
     jobs = {}
     for name, values in arrays.items():
         np.savez(root / f"{name}.npz", **values)

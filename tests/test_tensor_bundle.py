@@ -214,7 +214,7 @@ def _prefix_bomb() -> bytes:
 
 
 @pytest.mark.parametrize("table, match", [
-    (lambda: _table([], data_block=b"\x05\x00\x00" + _block([])), "runs past its key or block"),  # shares 5 bytes of b""
+    (lambda: _table([], data_block=b"\x05\x00\x00" + _block([])), "runs past its key or block"),  # shares 5 of 0
     (lambda: _table([], data_block=_block([(b"a", b"")], restarts=1)[:-4] + (1 << 30).to_bytes(4, "little")),
      "restart points"),
     (lambda: _table([(b"", _header())], data_block=_block([(b"", _header()), (b"k", b""), (b"k", b"")])),
@@ -296,7 +296,8 @@ def test_truncated_or_flipped_fixture_files_raise(fixture_b):
     bundle = TensorBundle(prefix)
     rng = np.random.default_rng(0)
     index_cuts = [0, 1, 47, len(index) // 2, len(index) - 1]
-    index_flips = sorted(rng.choice(len(index) - 48, 8, replace=False).tolist()) + [len(index) - 48 + i for i in (0, 2, 30, 45)]
+    footer = [len(index) - 48 + i for i in (0, 2, 30, 45)]  # a handle, padding, the magic number
+    index_flips = sorted(rng.choice(len(index) - 48, 8, replace=False).tolist()) + footer
     for changed in [index[:n] for n in index_cuts] + [_flipped(index, at, rng) for at in index_flips]:
         index_path.write_bytes(changed)
         with pytest.raises(ConversionError, match="damaged or was not written by TensorFlow"):
