@@ -6,13 +6,23 @@
   outputs equal TensorFlow's stored ones (README section 5 tolerances).
 * Checkpoints in the official object layout at other depths, widths and SK settings, written here
   with plain ``tf.train.Checkpoint`` of nested ``tf.Module``s (the official code is not needed),
-  convert back exactly; an extra, a missing variable or a TF1 checkpoint fail clearly.
+  one in several shards, convert back exactly; our reader and ``tf.train.load_checkpoint`` agree
+  on every tensor; an extra or missing variable, a TF1 or a sliced checkpoint, a damaged file fail clearly.
 
-TensorFlow tests skip when TensorFlow is not installed (``pip install -e '.[tf]'``).
+Nothing here imports TensorFlow: the checkpoints TensorFlow writes, and what
+``tf.train.load_checkpoint`` reads from them, come from one subprocess (skipped when TensorFlow is
+not installed: ``pip install -e '.[tf]'``), and the CLI converts fixture B in fresh processes where
+``import tensorflow`` fails.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +33,14 @@ import simclrv2
 from simclrv2 import cli
 from simclrv2.convert import ConversionError, convert_tf_checkpoint, infer_architecture, is_tf_source
 from simclrv2.convert.architecture import ArchitectureError
+from simclrv2.convert.tensor_bundle import TensorBundle
 from simclrv2.engine.checkpoint import load_checkpoint
 from simclrv2.models import build_simclrv2_model
 from simclrv2.models.official_keys import official_key_map, strip_checkpoint_suffix, torch_to_official
 from simclrv2.stages.common import load_model
 
 FIXTURE_B = "forward_B_r50_w0.125_sk0_64"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -91,8 +103,6 @@ def test_non_paper_sk_ratio_is_read_from_the_squeeze_widths():
 
 @pytest.mark.parametrize("config", ["r50_1x_sk0_imagenet", "r50_1x_sk1_imagenet"])
 def test_architecture_of_official_full_size_key_lists(reference_dir, config):
-    import json
-
     entry = json.loads((reference_dir / "variable_names_full_size.json").read_text())["configs"][config]
     shapes = {strip_checkpoint_suffix(k): v for k, v in entry["checkpoint_keys_and_shapes"].items()
               if k.startswith("model/") and ".OPTIMIZER_SLOT" not in k}
@@ -117,21 +127,80 @@ def test_inference_rejects_what_no_official_model_has():
     assert infer_architecture(shapes, ft_proj_selector=2)["ft_proj_selector"] == 2
 
 
-def test_missing_tensorflow_is_a_clear_error(tmp_path, monkeypatch):
-    import sys
+# ----------------------------------------------------------------------------- TensorFlow-written checkpoints
 
-    (tmp_path / "ckpt-1.index").write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "tensorflow", None)
-    with pytest.raises(ConversionError, match=r"needs TensorFlow: pip install tensorflow-cpu tf-keras"):
-        convert_tf_checkpoint(tmp_path / "ckpt-1")
+# Run in a subprocess: TensorFlow is a test-only dependency, and importing it before torch's
+# compiler stack (triton) crashes some machines. The script writes checkpoints in the official
+# object layout with plain nested ``tf.Module``s (the official code is not needed) and dumps what
+# ``tf.train.load_checkpoint`` reads from every written bundle, and from fixture B's.
+TF_WRITER = r"""
+import json, os, sys
+import numpy as np
+import tensorflow as tf
 
 
-# ----------------------------------------------------------------------------- TensorFlow
+def put(root, parts, value):
+    for part in parts[:-1]:
+        if not hasattr(root, part):
+            setattr(root, part, tf.Module())
+        root = getattr(root, part)
+    setattr(root, parts[-1], value)
 
 
-@pytest.fixture(scope="module")
-def tf():
-    return pytest.importorskip("tensorflow")
+class Alternate(tf.train.experimental.ShardingCallback):
+    @property
+    def description(self):
+        return "whole tensors, alternating between two shards"
+
+    def __call__(self, shardable_tensors):
+        shards = [{}, {}]
+        for i, t in enumerate(shardable_tensors):
+            shards[i % 2].setdefault(t.checkpoint_key, {})[t.slice_spec] = t.tensor
+        return shards
+
+
+def official(arrays, folder, sharding):
+    # sharding: None (one shard), "alternate" (two shards), or a maximum shard size in bytes
+    # (TF's policy, which cuts tensors into slices at shard boundaries)
+    root = tf.Module()
+    for key, value in np.load(arrays).items():
+        put(root, key.split("/")[1:], tf.Variable(value))
+    optimizer = tf.Module()
+    optimizer.momentum = tf.Variable(np.zeros(3, np.float32))
+    checkpoint = tf.train.Checkpoint(model=root, global_step=tf.Variable(7, dtype=tf.int64), optimizer=optimizer)
+    options = None
+    if sharding is not None:
+        policy = Alternate() if sharding == "alternate" else tf.train.experimental.MaxShardSizePolicy(sharding)
+        options = tf.train.CheckpointOptions(experimental_sharding_callback=policy)
+    manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
+    return manager.save(checkpoint_number=7, options=options)
+
+
+def dump(prefix, out):
+    reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
+    arrays, listing = {}, {}
+    for i, (name, shape) in enumerate(sorted(reader.get_variable_to_shape_map().items())):
+        value = reader.get_tensor(name)
+        arrays[f"t{i}"] = np.frombuffer(value, np.uint8) if dtypes[name] == tf.string else np.asarray(value)
+        listing[name] = {"array": f"t{i}", "dtype": dtypes[name].name, "shape": list(shape)}
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as f:
+        json.dump(listing, f)
+
+
+job = json.load(open(sys.argv[1]))
+written = {name: official(**spec) for name, spec in job["official"].items()}
+tf.raw_ops.SaveV2(prefix=job["tf1"], tensor_names=["base_model/conv2d/kernel"], shape_and_slices=[""],
+                  tensors=[tf.zeros((7, 7, 3, 64))])
+other = tf.Module()
+other.w = tf.Variable(1.0)
+written.update(tf1=job["tf1"], other=tf.train.Checkpoint(net=other).write(job["other"]))
+for name, prefix in {**written, **job["dump_also"]}.items():
+    dump(prefix, os.path.join(job["out"], name))
+with open(os.path.join(job["out"], "written.json"), "w") as f:
+    json.dump(written, f)
+"""
 
 
 def _randomised(model):
@@ -149,29 +218,14 @@ def _randomised(model):
     return model.eval()
 
 
-def _put(root, parts, value, tf) -> None:
-    obj = root
-    for part in parts[:-1]:
-        if not hasattr(obj, part):
-            setattr(obj, part, tf.Module())
-        obj = getattr(obj, part)
-    setattr(obj, parts[-1], value)
-
-
-def _write_official(tf, model, folder: Path, drop: str | None = None, extra: str | None = None) -> Path:
-    """A checkpoint laid out like the official ``run.py`` one: ``model/...`` variables under their
-    structural keys, plus ``global_step`` and an optimizer with a momentum-like variable."""
+def _official_arrays(model, drop: str | None = None, extra: str | None = None) -> dict:
+    """``{structural key: array}`` of ``model`` in TF layout, as the official ``run.py`` stores it."""
     state = model.state_dict()
-    root = tf.Module()
-    for key, (name, transform) in official_key_map(model).items():
-        if key != drop:
-            _put(root, key.split("/")[1:], tf.Variable(torch_to_official(state[name], transform)), tf)
+    arrays = {key: torch_to_official(state[name], transform)
+              for key, (name, transform) in official_key_map(model).items() if key != drop}
     if extra is not None:
-        _put(root, extra.split("/")[1:], tf.Variable(np.zeros((1, 1, 4, 4), np.float32)), tf)
-    optimizer = tf.Module()
-    optimizer.momentum = tf.Variable(np.zeros(3, np.float32))
-    checkpoint = tf.train.Checkpoint(model=root, global_step=tf.Variable(7, dtype=tf.int64), optimizer=optimizer)
-    return Path(tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=1).save(checkpoint_number=7))
+        arrays[extra] = np.zeros((1, 1, 4, 4), np.float32)
+    return arrays
 
 
 TF_CASES = [
@@ -184,24 +238,101 @@ TF_CASES = [
     dict(depth=101, width_multiplier=0.1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=1, proj_out_dim=32,
          ft_proj_selector=0, num_classes=4),
 ]
+SMALL = dict(depth=18, width_multiplier=0.125, num_classes=3)
+EXTRA = "model/resnet_model/block_groups/1/layers/0/se_layer/conv2d/kernel"
+GONE = "model/resnet_model/block_groups/2/layers/1/conv2d_bn_layers/3/bn/gamma"
+BIAS = "model/supervised_head/linear_layer/dense/bias"
 
 
-@pytest.mark.parametrize("kwargs", TF_CASES, ids=lambda k: f"r{k['depth']}-w{k['width_multiplier']}-sk{k['sk_ratio']}")
-def test_official_layout_checkpoints_convert_exactly(tf, tmp_path, kwargs):
-    model = _randomised(build_simclrv2_model(**kwargs))
-    prefix = _write_official(tf, model, tmp_path / "ckpt")
-    assert prefix.name == "ckpt-7" and is_tf_source(tmp_path / "ckpt") and is_tf_source(prefix)
-    converted, record = convert_tf_checkpoint(tmp_path / "ckpt", tmp_path / "converted.pt")
+def _case_id(kwargs) -> str:
+    return f"r{kwargs['depth']}-w{kwargs['width_multiplier']}-sk{kwargs['sk_ratio']}"
+
+
+@pytest.fixture(scope="module")
+def tf_written(tmp_path_factory, request):
+    """Checkpoints written by TensorFlow in a subprocess: the official layout of ``TF_CASES``
+    (by id), ``SMALL`` with an extra or a missing variable, ``SMALL`` in two shards and in
+    slices, a TF1 name-based checkpoint and an object-based one without ``model``; plus TF's reading
+    of each (and of fixture B when present). Returns (models, {name: prefix}, dump folder)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("TensorFlow is not installed (pip install -e '.[tf]'); it writes these test checkpoints")
+    root = tmp_path_factory.mktemp("tf")
+    models = {_case_id(k): _randomised(build_simclrv2_model(**k)) for k in TF_CASES}
+    models["small"] = _randomised(build_simclrv2_model(**SMALL))
+    arrays = {name: _official_arrays(model) for name, model in models.items()}
+    small = models["small"]
+    arrays.update(extra=_official_arrays(small, extra=EXTRA), missing=_official_arrays(small, drop=GONE),
+                  bias=_official_arrays(small, drop=BIAS))
+    jobs = {}
+    for name, values in arrays.items():
+        np.savez(root / f"{name}.npz", **values)
+        jobs[name] = dict(arrays=str(root / f"{name}.npz"), folder=str(root / name), sharding=None)
+    jobs["sharded"] = dict(jobs["small"], folder=str(root / "sharded"), sharding="alternate")
+    jobs["sliced"] = dict(jobs["small"], folder=str(root / "sliced"),
+                          sharding=max(a.nbytes for a in arrays["small"].values()) // 2)
+    dump_also = {}
+    try:
+        fixture = request.getfixturevalue("reference_dir") / FIXTURE_B
+        dump_also = {"fixture_checkpoint": str(fixture / "checkpoint" / "ckpt-3"),
+                     "fixture_saved_model": str(fixture / "saved_model" / "3" / "variables" / "variables")}
+    except pytest.skip.Exception:
+        pass
+    (root / "dumps").mkdir()
+    job = dict(official=jobs, tf1=str(root / "tf1" / "model.ckpt-5"), other=str(root / "other" / "ckpt"),
+               dump_also=dump_also, out=str(root / "dumps"))
+    (root / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", TF_WRITER, str(root / "job.json")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = {name: Path(p) for name, p in json.loads((root / "dumps" / "written.json").read_text()).items()}
+    return models, {**written, **{k: Path(v) for k, v in dump_also.items()}}, root / "dumps"
+
+
+def test_reader_matches_tensorflow_on_every_tensor(tf_written):
+    """Our reader and ``tf.train.load_checkpoint`` agree on the keys, dtypes, shapes and values of
+    every tensor of every checkpoint TF wrote, one of them in several shards, and of fixture B's
+    checkpoint and SavedModel variables."""
+    _, prefixes, dumps = tf_written
+    assert TensorBundle(prefixes["sharded"]).num_shards > 1
+    for name, prefix in prefixes.items():
+        listing = json.loads((dumps / f"{name}.json").read_text())
+        values = np.load(dumps / f"{name}.npz", allow_pickle=False)
+        bundle = TensorBundle(prefix)
+        assert sorted(bundle.keys()) == sorted(listing), name
+        for key, entry in listing.items():
+            assert list(bundle.shape(key)) == entry["shape"], (name, key)
+            if name == "sliced" and key.startswith("model/") and bundle.entries[key].sliced:
+                continue
+            ours, theirs = bundle.read(key), values[entry["array"]]
+            if entry["dtype"] == "string":
+                assert ours.shape == () and ours.item() == theirs.tobytes(), (name, key)
+            else:
+                assert ours.dtype.name == entry["dtype"] == theirs.dtype.name, (name, key)
+                np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} {key}")
+
+
+def _assert_converts_exactly(model, prefix: Path, out: Path) -> dict:
+    converted, record = convert_tf_checkpoint(prefix.parent, out)
     assert _same_channels(model, converted)
     expected = model.state_dict()
     for name, tensor in converted.state_dict().items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(tensor, expected[name]), name
+    assert record["config"]["source_global_step"] == 7 and record["stage"] == "converted"
+    return record
+
+
+@pytest.mark.parametrize("kwargs", TF_CASES, ids=_case_id)
+def test_official_layout_checkpoints_convert_exactly(tf_written, tmp_path, kwargs):
+    models, prefixes, _ = tf_written
+    model, prefix = models[_case_id(kwargs)], prefixes[_case_id(kwargs)]
+    assert prefix.name == "ckpt-7" and is_tf_source(prefix.parent) and is_tf_source(prefix)
+    record = _assert_converts_exactly(model, prefix, tmp_path / "converted.pt")
     config = record["model_config"]
     assert {k: config[k] for k in ("depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")} == \
         {k: kwargs[k] for k in ("depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")}
     assert config["sk_ratio"] == kwargs["sk_ratio"]
-    assert record["config"]["source_global_step"] == 7 and record["stage"] == "converted"
     x = torch.rand(2, 3, 32, 32)
     loaded = simclrv2.load(tmp_path / "converted.pt")
     with torch.no_grad():
@@ -209,33 +340,29 @@ def test_official_layout_checkpoints_convert_exactly(tf, tmp_path, kwargs):
         torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
 
 
-def test_extra_or_missing_variables_fail_clearly(tf, tmp_path):
-    model = _randomised(build_simclrv2_model(depth=18, width_multiplier=0.125, num_classes=3))
-    extra = "model/resnet_model/block_groups/1/layers/0/se_layer/conv2d/kernel"
-    _write_official(tf, model, tmp_path / "extra", extra=extra)
-    with pytest.raises(ConversionError, match=rf"1 checkpoint variable\(s\) left over \['{extra}'\], 0 model"):
-        convert_tf_checkpoint(tmp_path / "extra")
-    gone = "model/resnet_model/block_groups/2/layers/1/conv2d_bn_layers/3/bn/gamma"
-    _write_official(tf, model, tmp_path / "missing", drop=gone)
-    with pytest.raises(ConversionError, match=rf"0 checkpoint variable\(s\) left over \[\], 1 model variable\(s\) missing \['{gone}'\]"):
-        convert_tf_checkpoint(tmp_path / "missing")
-    bias = "model/supervised_head/linear_layer/dense/bias"
-    _write_official(tf, model, tmp_path / "bias", drop=bias)
+def test_multi_shard_checkpoint_converts_and_sliced_one_is_refused(tf_written, tmp_path):
+    models, prefixes, _ = tf_written
+    _assert_converts_exactly(models["small"], prefixes["sharded"], tmp_path / "sharded.pt")
+    with pytest.raises(ConversionError, match="saved in slices .* re-save it unpartitioned"):
+        convert_tf_checkpoint(prefixes["sliced"])
+
+
+def test_extra_or_missing_variables_fail_clearly(tf_written):
+    _, prefixes, _ = tf_written
+    with pytest.raises(ConversionError, match=rf"1 checkpoint variable\(s\) left over \['{EXTRA}'\], 0 model"):
+        convert_tf_checkpoint(prefixes["extra"].parent)
+    with pytest.raises(ConversionError, match=rf"0 checkpoint variable\(s\) left over \[\], 1 model variable\(s\) missing \['{GONE}'\]"):
+        convert_tf_checkpoint(prefixes["missing"].parent)
     with pytest.raises(ConversionError, match="missing"):
-        convert_tf_checkpoint(tmp_path / "bias")
+        convert_tf_checkpoint(prefixes["bias"].parent)
 
 
-def test_unsupported_inputs_fail_clearly(tf, tmp_path):
-    prefix = str(tmp_path / "tf1" / "model.ckpt-5")
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=["base_model/conv2d/kernel"], shape_and_slices=[""],
-                      tensors=[tf.zeros((7, 7, 3, 64))])
+def test_unsupported_inputs_fail_clearly(tf_written, tmp_path):
+    _, prefixes, _ = tf_written
     with pytest.raises(ConversionError, match=r"name-based \(TF1\) checkpoint \(base_model/conv2d/kernel"):
-        convert_tf_checkpoint(prefix)
-    other = tf.Module()
-    other.w = tf.Variable(1.0)
-    path = tf.train.Checkpoint(net=other).write(str(tmp_path / "other" / "ckpt"))
+        convert_tf_checkpoint(prefixes["tf1"])
     with pytest.raises(ConversionError, match="no 'model' object"):
-        convert_tf_checkpoint(path)
+        convert_tf_checkpoint(prefixes["other"])
     with pytest.raises(ConversionError, match="no 'checkpoint' state file"):
         convert_tf_checkpoint(tmp_path)
     with pytest.raises(ConversionError, match="not a TF checkpoint prefix"):
@@ -257,19 +384,14 @@ def fixture_b(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def converted_b(tf, fixture_b):
+def converted_b(fixture_b):
     folder = fixture_b[0]
     return {kind: convert_tf_checkpoint(folder / sub) for kind, sub in
             (("checkpoint", "checkpoint"), ("saved_model", "saved_model/3"))}
 
 
-@pytest.mark.parametrize("kind", ["checkpoint", "saved_model"])
-def test_official_fixture_reproduces_tensorflow_outputs(fixture_b, converted_b, kind):
-    _, io, x = fixture_b
-    model, record = converted_b[kind]
-    assert record["model_config"] == {"depth": 50, "width_multiplier": 0.125, "sk_ratio": 0.0, "cifar_stem": False,
-                                      "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 0,
-                                      "num_classes": 10, "mode": "pretrain"}
+def _assert_tensorflow_outputs(model, io, x) -> None:
+    """README section 5 tolerances against the outputs TensorFlow stored in ``io.npz``."""
     assert not model.training
     with torch.no_grad():
         projection, logits = model(x)
@@ -287,9 +409,17 @@ def test_official_fixture_reproduces_tensorflow_outputs(fixture_b, converted_b, 
     np.testing.assert_allclose(probabilities.numpy(), tf_probabilities, atol=1e-5)
 
 
-def test_checkpoint_and_saved_model_hold_the_fixture_variables(fixture_b, converted_b):
-    import json
+@pytest.mark.parametrize("kind", ["checkpoint", "saved_model"])
+def test_official_fixture_reproduces_tensorflow_outputs(fixture_b, converted_b, kind):
+    _, io, x = fixture_b
+    model, record = converted_b[kind]
+    assert record["model_config"] == {"depth": 50, "width_multiplier": 0.125, "sk_ratio": 0.0, "cifar_stem": False,
+                                      "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 0,
+                                      "num_classes": 10, "mode": "pretrain"}
+    _assert_tensorflow_outputs(model, io, x)
 
+
+def test_checkpoint_and_saved_model_hold_the_fixture_variables(fixture_b, converted_b):
     folder = fixture_b[0]
     variables = json.loads((folder / "variables.json").read_text())["variables"]
     arrays = np.load(folder / "variables.npz", allow_pickle=False)
@@ -303,7 +433,22 @@ def test_checkpoint_and_saved_model_hold_the_fixture_variables(fixture_b, conver
         assert torch.equal(from_ckpt[name], from_saved[name]), name
 
 
-def test_cli_conversion_is_accepted_by_load_model_and_the_api(tf, fixture_b, tmp_path, capsys):
+def test_damaged_fixture_fails_with_one_line(fixture_b, tmp_path):
+    folder = fixture_b[0]
+    for source in (folder / "checkpoint").iterdir():
+        shutil.copyfile(source, tmp_path / source.name)
+    bundle = TensorBundle(tmp_path / "ckpt-3")
+    kernel = "model/resnet_model/initial_conv_relu_max_pool/0/conv2d/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+    data = bytearray((tmp_path / "ckpt-3.data-00000-of-00001").read_bytes())
+    data[bundle.entries[kernel].offset + 5] ^= 0x40
+    (tmp_path / "ckpt-3.data-00000-of-00001").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match="initial_conv_relu_max_pool/0/conv2d/kernel.* fails its crc32c check"):
+        convert_tf_checkpoint(tmp_path)
+    assert cli.main(["convert-tf", str(tmp_path), str(tmp_path / "out.pt")]) == 2
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cli_conversion_is_accepted_by_load_model_and_the_api(fixture_b, tmp_path, capsys):
     folder, io, x = fixture_b
     out = tmp_path / "r50.pt"
     assert cli.main(["convert-tf", str(folder / "checkpoint" / "ckpt-3"), str(out)]) == 0
@@ -322,3 +467,40 @@ def test_cli_conversion_is_accepted_by_load_model_and_the_api(tf, fixture_b, tmp
     assert cli.main(["convert-tf", str(folder / "checkpoint"), str(tmp_path / "bad.pt"),
                      "--ft-proj-selector", "-1"]) == 2
     assert "selects a hidden of width 128" in capsys.readouterr().err
+
+
+# A package that shadows TensorFlow: importing it records the attempt and fails. sitecustomize
+# records, when the process ends, which TensorFlow modules it holds.
+BLOCKED_TENSORFLOW = """
+import os
+open(os.environ["TF_IMPORT_MARKER"], "w").close()
+raise ImportError("TensorFlow is blocked in this test")
+"""
+MODULES_AT_EXIT = """
+import atexit, os, sys
+atexit.register(lambda: open(os.environ["TF_MODULES_AT_EXIT"], "w").write(
+    " ".join(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))))
+"""
+
+
+@pytest.mark.parametrize("kind, source", [("checkpoint", "checkpoint/ckpt-3"), ("saved_model", "saved_model")])
+def test_cli_converts_in_a_fresh_process_without_tensorflow(fixture_b, tmp_path, kind, source):
+    """``python -m simclrv2 convert-tf`` in a new process where ``import tensorflow`` fails: no
+    import is attempted, none is held at exit, and the result gives TensorFlow's outputs. A fresh
+    process also catches import-order crashes (TensorFlow before triton segfaults on some CPUs)
+    that a pytest process, with torch's compiler stack already imported, would hide."""
+    folder, io, x = fixture_b
+    shadow = tmp_path / "shadow"
+    (shadow / "tensorflow").mkdir(parents=True)
+    (shadow / "tensorflow" / "__init__.py").write_text(BLOCKED_TENSORFLOW)
+    (shadow / "sitecustomize.py").write_text(MODULES_AT_EXIT)
+    marker, at_exit, out = tmp_path / "tf-import-attempted", tmp_path / "tf-modules-at-exit", tmp_path / "b.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(PROJECT_ROOT)]),
+           "TF_IMPORT_MARKER": str(marker), "TF_MODULES_AT_EXIT": str(at_exit)}
+    done = subprocess.run([sys.executable, "-m", "simclrv2", "convert-tf", str(folder / source), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"converted {kind}" in done.stdout
+    assert not marker.exists(), "convert-tf tried to import tensorflow"
+    assert at_exit.read_text() == ""
+    _assert_tensorflow_outputs(simclrv2.load(out), io, x)

@@ -19,7 +19,8 @@ from simclrv2.models import SimCLRv2Model, build_simclrv2_model
 from simclrv2.models.official_keys import official_key_map, official_state_dict
 
 from .architecture import ArchitectureError, infer_architecture
-from .tf_checkpoint import ConversionError, OfficialVariables, read_official_variables
+from .errors import ConversionError
+from .tf_checkpoint import OfficialVariables, read_official_variables
 
 __all__ = ["ConversionError", "convert_tf_checkpoint", "converted_checkpoint", "describe_architecture",
            "infer_architecture", "is_tf_source", "model_from_official_variables", "read_official_variables"]
@@ -106,6 +107,6 @@ def is_tf_source(path: str | Path) -> bool:
     path = Path(path)
     if path.is_dir():
         return (path / "saved_model.pb").is_file() or (path / "checkpoint").is_file() or any(
-            d.name.isdigit() and (d / "saved_model.pb").is_file() for d in path.iterdir())
+            d.name.isdecimal() and (d / "saved_model.pb").is_file() for d in path.iterdir())
     name = path.name
     return name.endswith(".index") or ".data-" in name or Path(f"{path}.index").is_file()
