@@ -138,6 +138,7 @@ def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str,
     record the command and inputs in ``run.json``. Call on the main rank only."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_foreign(run_dir)  # before the lock file is made in a folder that is not a run's
     lock = FolderLock(run_dir)
     try:
         check_folder(run_dir, command, config, inputs)
@@ -148,15 +149,21 @@ def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str,
     _HELD.append(lock)
 
 
+def check_foreign(run_dir: Path) -> None:
+    """Refuse a folder that holds files but no run record: not a simclrv2 run folder."""
+    names = {p.name for p in run_dir.iterdir()}
+    others = sorted(names - {LOCK_FILE})
+    if others and RECORD_FILE not in names:
+        raise ConfigError(f"--run-dir {run_dir} holds files ({', '.join(others[:3])}) but no {RECORD_FILE}, so it is "
+                          "not a simclrv2 run folder (or one of an older version); choose a new or empty folder")
+
+
 def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str, Any]) -> None:
-    """Refuse a folder of another command or of no simclrv2 run, and a run begun there (it has a
-    ``config.json``) with other settings or inputs."""
+    """Refuse a folder of another command, and a run begun there (it has a ``config.json``) with
+    other settings or inputs."""
     record = read_json(run_dir / RECORD_FILE)
     if record is None:
-        others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
-        if others:
-            raise ConfigError(f"--run-dir {run_dir} holds files ({', '.join(others[:3])}) but no {RECORD_FILE}, so it "
-                              "is not a simclrv2 run folder (or one of an older version); choose a new or empty folder")
+        check_foreign(run_dir)  # again, now that no other run can be making the folder
         return
     if record.get("command") != command:
         raise ConfigError(f"--run-dir {run_dir} holds a {record.get('command')} run; {command} writes only into its "
