@@ -189,6 +189,9 @@ def test_pipeline_reruns_stages_whose_inputs_changed_and_refuses_other_settings(
         assert record["inputs"]["checkpoint"]["step"] == (1 if name == "distill" else 2)
     assert not (stage_dir / "baseline.stale-1").exists()  # it has no inputs: resumed
     assert json.loads((run_dir / "report.json").read_text())["pretrain"]["step"] == 2
+    _run(*args)  # nothing changed: every stage resumes at its end, none is stale
+    assert "started from other inputs" not in capsys.readouterr().out
+    assert not list(stage_dir.glob("*.stale-2"))
     before = _files(run_dir)
     expect_one_line_error(capsys, [*args, "--pretrain.temperature", "0.5"], f"--run-dir {run_dir} holds a pipeline run",
                           "--pretrain.temperature 0.2 -> 0.5")

@@ -6,7 +6,7 @@ Beside the outputs of the command that made it, a run folder holds:
                  drops the lock when that process ends, however it ends, so a killed run leaves
                  no stale lock. Its text names the holder: pid, host, start time and command.
 ``run.json``     the command the folder belongs to and the checkpoints it started from (path,
-                 step and SHA-256 of each).
+                 step and SHA-256 of the weights of each).
 ``config.json``  the resolved settings, written once the run's checks have passed.
 
 A run refuses, in one line, a folder that another run holds, that belongs to another command,
@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import torch
 
 from simclrv2.config import ConfigError, flag_name
 from simclrv2.engine.checkpoint import atomic_write
@@ -204,17 +206,20 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if path in old and old[path] != value and not _resumable(path)]
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the content a later stage builds
+    on. Not the file's: a resumed run that saves its last step again writes other random states."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def checkpoint_identity(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What names an input checkpoint: its file, its step and its content (SHA-256)."""
-    return {"path": str(Path(path).resolve()), "step": ckpt.get("step"), "sha256": file_sha256(path)}
+    """What names an input checkpoint: its file, its step and its weights (SHA-256)."""
+    return {"path": str(Path(path).resolve()), "step": ckpt.get("step"), "sha256": weights_sha256(ckpt["model"])}
 
 
 def _describe(identity: Optional[dict[str, Any]]) -> str:
