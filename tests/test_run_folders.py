@@ -141,6 +141,23 @@ def test_resume_with_other_settings_is_refused_naming_each(capsys, data_dir: Pat
     assert saved["temperature"] == 0.2 and saved["runtime"]["max_steps"] == 2
 
 
+def test_a_training_run_of_an_earlier_version_is_resumed_but_not_reused(capsys, data_dir: Path, pretrained: Path,
+                                                                         tmp_path: Path) -> None:
+    """A folder without ``run.json`` (written before run records) still resumes, with its settings."""
+    run_dir = tmp_path / "pre"
+    run_dir.mkdir()
+    for name, content in _files(pretrained).items():
+        if name != "run.json":
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_bytes(content)
+    expect_one_line_error(capsys, ["evaluate", "--checkpoint", pretrained, "--data-dir", data_dir, "--run-dir",
+                                   run_dir, *RUN], "holds files (checkpoints, config.json, metrics.jsonl) but no run.json")
+    expect_one_line_error(capsys, _pretrain(data_dir, run_dir, "--seed", "3"), "--seed 0 -> 3")
+    _run(*_pretrain(data_dir, run_dir, "--max-steps", "2"))
+    assert json.loads((run_dir / "run.json").read_text())["command"] == "pretrain"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
 def _finetune(data_dir: Path, checkpoint, run_dir: Path, *flags: str) -> list:
     return ["finetune", "--checkpoint", checkpoint, "--data-dir", data_dir, "--run-dir", run_dir, *RUN,
             "--labels-per-class", "2", "--train-batch-size", "10", "--train-steps", "2", *flags]

@@ -135,15 +135,16 @@ def releases_run_folders(run: Callable) -> Callable:
 # ----------------------------------------------------------------------------- ownership
 
 
-def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str, Any]) -> None:
+def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str, Any], trains: bool) -> None:
     """Lock ``run_dir`` for this process's run of ``command`` and check that it may work there;
-    record the command and inputs in ``run.json``. Call on the main rank only."""
+    record the command and inputs in ``run.json``. Call on the main rank only. ``trains``: the
+    command resumes from checkpoints, so it may adopt a training run of an earlier version."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_foreign(run_dir)  # before the lock file is made in a folder that is not a run's
+    check_foreign(run_dir, trains)  # before the lock file is made in a folder that is not a run's
     lock = FolderLock(run_dir)
     try:
-        check_folder(run_dir, command, config, inputs)
+        check_folder(run_dir, command, config, inputs, trains)
         write_json(run_dir / RECORD_FILE, {"command": command, "inputs": inputs})
     except BaseException:
         lock.release()
@@ -151,22 +152,26 @@ def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str,
     _HELD.append(lock)
 
 
-def check_foreign(run_dir: Path) -> None:
-    """Refuse a folder that holds files but no run record: not a simclrv2 run folder."""
+def check_foreign(run_dir: Path, trains: bool) -> None:
+    """Refuse a folder that holds files but no run record: not a simclrv2 run folder, unless it
+    is a training run of a version before run records (``config.json`` and ``checkpoints``),
+    which a training command may resume (the training loop checks the checkpoints' stage)."""
     names = {p.name for p in run_dir.iterdir()}
     others = sorted(names - {LOCK_FILE})
+    if trains and {CONFIG_FILE, "checkpoints"} <= names:
+        return
     if others and RECORD_FILE not in names:
         raise ConfigError(f"--run-dir {run_dir} holds files ({', '.join(others[:3])}) but no {RECORD_FILE}, so it is "
                           "not a simclrv2 run folder (or one of an older version); choose a new or empty folder")
 
 
-def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str, Any]) -> None:
+def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str, Any], trains: bool) -> None:
     """Refuse a folder of another command, and a run begun there (it has a ``config.json``) with
     other settings or inputs."""
     record = read_json(run_dir / RECORD_FILE)
     if record is None:
-        check_foreign(run_dir)  # again, now that no other run can be making the folder
-        return
+        check_foreign(run_dir, trains)  # again, now that no other run can be making the folder
+        record = {"command": command, "inputs": inputs}  # new, or adopted: its inputs were not recorded
     if record.get("command") != command:
         raise ConfigError(f"--run-dir {run_dir} holds a {record.get('command')} run; {command} writes only into its "
                           "own folder: choose another --run-dir")

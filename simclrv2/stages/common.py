@@ -38,13 +38,14 @@ def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
     return path
 
 
-def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], is_main: bool) -> None:
+def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], is_main: bool,
+                     trains: bool = False) -> None:
     """The main rank locks the folder for this run's life and checks that the run may work there
     (:mod:`simclrv2.engine.run_folder`); every rank raises its verdict (only rank 0 locks)."""
     error = None
     if is_main:
         try:
-            claim(run_dir, command, asdict(cfg), inputs)
+            claim(run_dir, command, asdict(cfg), inputs, trains)
         except ConfigError as err:
             error = err
     error = broadcast_object(error)
@@ -64,7 +65,7 @@ def start_run(cfg: Any, stage: str, rt: Runtime, inputs: Optional[dict[str, Any]
     if not cfg.runtime.resume and step_checkpoints(run_dir / CHECKPOINT_DIR):
         raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of an earlier run; pass --resume true "
                           "to continue it, or choose another --run-dir")
-    claim_run_folder(run_dir, stage, cfg, inputs or {}, rt.is_main)
+    claim_run_folder(run_dir, stage, cfg, inputs or {}, rt.is_main, trains=True)
     return run_dir
 
 
