@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,11 +329,11 @@ def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
                 raise ConfigError(f"{where}{key}: expected a section (mapping), got {value!r}")
             merge(getattr(cfg, name), value, f"{where}{key}.")
         else:
-            setattr(cfg, name, _coerce(value, types[name], _flag_name(f"{where}{key}")))
+            setattr(cfg, name, _coerce(value, types[name], flag_name(f"{where}{key}")))
     return cfg
 
 
-def _flag_name(dotted: str) -> str:
+def flag_name(dotted: str) -> str:
     """The command-line flag of a nested option: ``optim.train_batch_size`` -> ``train-batch-size``."""
     *sections, leaf = dotted.split(".")
     kept = [s for s in sections if s not in FLAT_SECTIONS]
@@ -340,13 +341,16 @@ def _flag_name(dotted: str) -> str:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """``value`` (from a flag, a file or Python) as the option's type; numbers must be finite, as
+    NaN would pass every range check (all comparisons with NaN are false)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         if value is None:
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    flag = f"--{name.replace('_', '-')}"
     if value is None:
-        raise ConfigError(f"--{name.replace('_', '-')}: a value is required")
+        raise ConfigError(f"{flag}: a value is required")
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -355,16 +359,37 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                     raise ValueError(value)
                 return lowered in {"true", "1", "yes"}
             return bool(value)
-        if tp in (int, float, str):
+        if tp is str:
+            return str(value)
+        if tp in (int, float):
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return tp(value)
+            return _finite(tp(value), flag)
         if tp is list or typing.get_origin(tp) is list:
-            if isinstance(value, str):
-                return [float(v) if "." in v or "e" in v else int(v) for v in value.split(",") if v]
-            return list(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [_finite(_number(v), flag) for v in items if v != ""]
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{flag}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _number(value: Any) -> Any:
+    """An int where the text or value is one, else a float (list options: ``0.01,0.1`` or ``10``)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return value
+
+
+def _finite(value: Any, flag: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
     return value
 
 
@@ -549,7 +574,10 @@ def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = 
 
 def save_config(cfg: Any, run_dir: Path) -> Path:
     """Write the resolved config (a config dataclass or its dict) as ``config.json`` beside the
-    run's outputs."""
+    run's outputs: atomically, replacing (never following) a link of that name."""
+    from simclrv2.engine.checkpoint import atomic_write
+
     path = Path(run_dir) / "config.json"
-    path.write_text(json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    text = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
     return path

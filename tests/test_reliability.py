@@ -366,12 +366,12 @@ def test_resume_refuses_a_folder_written_with_other_settings(capsys, data_dir: P
 
     before = folder_state()
     expect_one_line_error(capsys, [*first, "--resume", "false"], "already holds checkpoints", "--resume true")
-    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "global batch of 16",
-                  "--train-batch-size")
-    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--subset", "32"], "steps per epoch", "--subset")
-    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--use-memory", "true"], "holds no", "momentum_model")
+    expect_one_line_error(capsys, [*first, "--train-steps", "4", "--train-batch-size", "8"], "--train-steps 2 -> 4",
+                  "--train-batch-size 16 -> 8")
+    expect_one_line_error(capsys, [*first, "--subset", "32"], "--subset none -> 32")
+    expect_one_line_error(capsys, [*first, "--use-memory", "true"], "--use-memory false -> true")
     expect_one_line_error(capsys, ["finetune", "--data-dir", data_dir, "--run-dir", run, *TINY, "--train-steps", "4"],
-                  "is a pretrain checkpoint")
+                  "holds a pretrain run")
     assert folder_state() == before  # a refused run leaves the folder as it was
 
 

@@ -53,18 +53,18 @@ def _folder_state(run_dir: Path) -> tuple:
 
 # --------------------------------------------------------------------------- changed model or optimiser
 
-@pytest.mark.parametrize("flags, what, detail", [
-    (["--resnet-depth", "34"], "model", "depth 18, this run 34"),
-    (["--width-multiplier", "0.25"], "model", "width_multiplier 0.125, this run 0.25"),
-    (["--proj-out-dim", "64"], "model", "proj_out_dim 128, this run 64"),
-    (["--optimizer", "adam"], "optimiser", "--optimizer lars, this run adam"),
-    (["--optimizer", "momentum"], "optimiser", "--optimizer lars, this run momentum"),
+@pytest.mark.parametrize("flags, change", [
+    (["--resnet-depth", "34"], "--resnet-depth 18 -> 34"),
+    (["--width-multiplier", "0.25"], "--width-multiplier 0.125 -> 0.25"),
+    (["--proj-out-dim", "64"], "--proj-out-dim 128 -> 64"),
+    (["--optimizer", "adam"], "--optimizer lars -> adam"),
+    (["--optimizer", "momentum"], "--optimizer lars -> momentum"),
 ])
 def test_resume_with_another_model_or_optimiser_is_refused_in_one_line(capsys, data_dir: Path, pretrained: Path,
-                                                                        flags, what, detail) -> None:
+                                                                        flags, change) -> None:
     before = _folder_state(pretrained)
     expect_one_line_error(capsys, _pretrain(data_dir, pretrained, *flags), str(pretrained),
-                    f"was written with a different {what} ({detail})", "another --run-dir")
+                          f"made with other settings (saved -> now: {change})", "another --run-dir")
     assert _folder_state(pretrained) == before
 
 

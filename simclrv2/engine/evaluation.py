@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from simclrv2.data.datasets import DataError
 from simclrv2.engine.runtime import Runtime, to_device_images
 
 
@@ -35,7 +36,7 @@ def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch
         torch.distributed.all_reduce(counts)
     top1, top5, total = counts.tolist()
     if total == 0:
-        raise ValueError("evaluation split is empty")
+        raise DataError("the evaluation split holds no images; choose another --eval-split or --data-dir")
     return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "num_examples": int(total)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -48,6 +49,9 @@ class MetricsLogger:
         self._writer = None
         if enabled and start_step is not None:
             drop_records_after(run_dir, start_step)
+        if enabled and self.path.is_symlink():  # a copy of what it shows replaces the link: appends never follow one
+            content = self.path.read_bytes() if self.path.exists() else b""
+            atomic_write(self.path, lambda handle: handle.write(content))
         if enabled and tensorboard:
             try:
                 SummaryWriter = _summary_writer_class()
@@ -61,7 +65,8 @@ class MetricsLogger:
                   **{k: _plain(v) for k, v in metrics.items()}}
         if not self.enabled:
             return record
-        with open(self.path, "a") as handle:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in record.items():

@@ -10,10 +10,21 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from simclrv2.engine.checkpoint import atomic_write
 from simclrv2.engine.logging import METRICS_FILE, read_metrics
 
 STAGE_LABELS = {"baseline": "Supervised baseline", "linear_eval": "Linear eval (pretrained)",
                 "finetuned": "Fine-tuned (teacher)", "distilled": "Distilled (student)"}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report file atomically, replacing (never following) a link of that name."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """``fig`` as a PNG, written like :func:`write_text`."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
 def _fraction_title(key: str, entry: dict[str, Any]) -> str:
@@ -60,18 +71,18 @@ def plot_pipeline(report: dict[str, Any], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def write_pipeline_report(report: dict[str, Any], run_dir: Path) -> None:
     """Write ``report.json``, ``report.md`` and ``report.png`` and print the table."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     table = pipeline_table(report)
     text = f"# SimCLRv2 pipeline report\n\nTop-1 / top-5 accuracy (%) on the held-out split.\n\n{table}\n\n" \
            f"Wall time: {report['wall_time_s']:.0f} s\n"
-    (run_dir / "report.md").write_text(text)
+    write_text(run_dir / "report.md", text)
     plot_pipeline(report, run_dir / "report.png")
     print("\n" + table + f"\n\nwall time {report['wall_time_s']:.0f} s; report in {run_dir}/report.{{json,md,png}}")
 
@@ -140,7 +151,7 @@ def plot_curves(records: list[dict[str, Any]], title: str, path: Path) -> list[s
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return list(present)
 
@@ -206,7 +217,7 @@ def write_html_report(run_dir: Path, out: Optional[Path] = None) -> tuple[Path, 
         else:
             body.append("<p>No loss, accuracy or learning-rate records.</p>")
     page = Path(out) if out is not None else run_dir / REPORT_HTML
-    page.write_text("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>SimCLRv2 report: "
+    write_text(page, "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>SimCLRv2 report: "
                     f"{html.escape(run_dir.name)}</title><style>{_PAGE_STYLE}</style></head>\n<body>\n"
                     + "\n".join(body) + "\n</body></html>\n")
     return page, pngs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from simclrv2.data.batches import native_image_size
 from simclrv2.config import ConfigError, DataConfig, LabelConfig, ModelConfig, OptimConfig, RuntimeConfig, check_labels
 from simclrv2.data.datasets import dataset_splits
 from simclrv2.engine.checkpoint import CHECKPOINT_DIR, CheckpointError, load_checkpoint, resolve_checkpoint, step_checkpoints
+from simclrv2.engine.run_folder import checkpoint_identity, claim
 from simclrv2.engine.runtime import Runtime
 from simclrv2.models import SimCLRv2Model, build_simclrv2_model
 from simclrv2.optim import LARS, lars_param_groups, num_train_steps, warmup_cosine_lr
@@ -36,9 +38,25 @@ def make_run_dir(runtime: RuntimeConfig, stage: str, rt: Runtime) -> Path:
     return path
 
 
-def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
-    """Create the run folder; the training loop saves the resolved config there once any resume
-    checks have passed (``TrainTask.checkpoint_meta["config"]``).
+def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], is_main: bool,
+                     trains: bool = False) -> None:
+    """The main rank locks the folder for this run's life and checks that the run may work there
+    (:mod:`simclrv2.engine.run_folder`); every rank raises its verdict (only rank 0 locks)."""
+    error = None
+    if is_main:
+        try:
+            claim(run_dir, command, asdict(cfg), inputs, trains)
+        except ConfigError as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+
+
+def start_run(cfg: Any, stage: str, rt: Runtime, inputs: Optional[dict[str, Any]] = None) -> Path:
+    """Create and claim the run folder; the training loop saves the resolved config there once its
+    own resume checks have passed (``TrainTask.checkpoint_meta["config"]``). ``inputs``: the
+    identities of the checkpoints the run starts from (:func:`load_input`).
 
     Without ``--resume`` a folder that already holds checkpoints is refused: the new run's
     checkpoints would be rotated out by the older, higher-numbered ones.
@@ -47,61 +65,124 @@ def start_run(cfg: Any, stage: str, rt: Runtime) -> Path:
     if not cfg.runtime.resume and step_checkpoints(run_dir / CHECKPOINT_DIR):
         raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of an earlier run; pass --resume true "
                           "to continue it, or choose another --run-dir")
+    claim_run_folder(run_dir, stage, cfg, inputs or {}, rt.is_main, trains=True)
     return run_dir
 
 
 # ----------------------------------------------------------------------------- settings
+#
+# Every numeric option is checked here before any work starts, one line naming its flag. Each
+# test states what a valid value satisfies, so that NaN, which fails every comparison, fails it;
+# ``prefix`` names a pipeline stage's flags (``--pretrain.temperature``).
 
 
-def validate_common(optim: Optional[OptimConfig], runtime: RuntimeConfig, rt: Runtime) -> None:
-    """Reject impossible settings before any work starts (one line, naming the option)."""
-    if optim is not None:
-        if optim.train_batch_size <= 0:
-            raise ConfigError(f"--train-batch-size must be positive, got {optim.train_batch_size}")
-        if optim.train_batch_size < rt.world_size:
-            raise ConfigError(f"--train-batch-size {optim.train_batch_size} is smaller than the "
-                              f"{rt.world_size} processes; give each process at least one image")
-        if optim.train_batch_size % rt.world_size:
-            raise ConfigError(f"--train-batch-size {optim.train_batch_size} must be divisible by the "
-                              f"{rt.world_size} processes")
-        if optim.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be positive, got {optim.learning_rate}")
-        if optim.learning_rate_scaling not in {"linear", "sqrt"}:
-            raise ConfigError(f"--learning-rate-scaling must be linear or sqrt, got {optim.learning_rate_scaling!r}")
-        if optim.optimizer not in {"lars", "momentum", "adam"}:
-            raise ConfigError(f"--optimizer must be lars, momentum or adam, got {optim.optimizer!r}")
-        if optim.train_epochs < 0 or optim.train_steps < 0:
-            raise ConfigError(f"--train-epochs and --train-steps must be >= 0, got {optim.train_epochs} and "
-                              f"{optim.train_steps}")
-        if optim.train_epochs == 0 and optim.train_steps == 0:
-            raise ConfigError("--train-epochs or --train-steps must be positive")
-        if optim.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {optim.weight_decay}")
-    if runtime.on_nonfinite not in {"stop", "skip"}:
-        raise ConfigError(f"--on-nonfinite must be stop or skip, got {runtime.on_nonfinite!r}")
-    if runtime.checkpoint_steps <= 0 or runtime.log_every_steps <= 0:
-        raise ConfigError("--checkpoint-steps and --log-every-steps must be positive")
-    if runtime.max_steps is not None and runtime.max_steps <= 0:
-        raise ConfigError(f"--max-steps must be positive, got {runtime.max_steps}")
+def check_range(flag: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite number in the interval from ``low`` to ``high``."""
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (finite and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)):
+        raise ConfigError(f"{flag} must be {_interval(low, high, low_open, high_open)}, got {value}")
 
 
-def validate_model(model: ModelConfig) -> None:
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    if high == math.inf:
+        return "positive" if low == 0 and low_open else f">= {text(low)}"
+    return f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
+
+
+def check_choice(flag: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_optim(optim: OptimConfig, prefix: str = "") -> None:
+    flag = f"--{prefix}"
+    check_range(f"{flag}train-batch-size", optim.train_batch_size, 1)
+    check_range(f"{flag}learning-rate", optim.learning_rate, 0, low_open=True)
+    check_choice(f"{flag}learning-rate-scaling", optim.learning_rate_scaling, ("linear", "sqrt"))
+    check_choice(f"{flag}optimizer", optim.optimizer, ("lars", "momentum", "adam"))
+    check_range(f"{flag}train-epochs", optim.train_epochs, 0)
+    check_range(f"{flag}train-steps", optim.train_steps, 0)
+    if optim.train_epochs == 0 and optim.train_steps == 0:
+        raise ConfigError(f"{flag}train-epochs or {flag}train-steps must be positive")
+    check_range(f"{flag}warmup-epochs", optim.warmup_epochs, 0)
+    check_range(f"{flag}weight-decay", optim.weight_decay, 0)
+    check_range(f"{flag}momentum", optim.momentum, 0, 1, high_open=True)
+
+
+def validate_runtime(runtime: RuntimeConfig) -> None:
+    check_choice("--on-nonfinite", runtime.on_nonfinite, ("stop", "skip"))
+    check_range("--seed", runtime.seed, 0, 2**32, high_open=True)  # NumPy's seed range
+    check_range("--checkpoint-steps", runtime.checkpoint_steps, 1)
+    check_range("--keep-checkpoint-max", runtime.keep_checkpoint_max, 1)
+    check_range("--log-every-steps", runtime.log_every_steps, 1)
+    if runtime.max_steps is not None:
+        check_range("--max-steps", runtime.max_steps, 1)
+    if runtime.num_threads is not None:
+        check_range("--num-threads", runtime.num_threads, 1)
+
+
+def validate_data(data: DataConfig) -> None:
+    from simclrv2.data.batches import AUGMENTATIONS
+
+    check_choice("--augmentation", data.augmentation, AUGMENTATIONS)
+    for flag, value in (("--image-size", data.image_size), ("--subset", data.subset)):
+        if value is not None:
+            check_range(flag, value, 1)
+    check_range("--color-jitter-strength", data.color_jitter_strength, 0)
+    if data.num_workers is not None:
+        check_range("--num-workers", data.num_workers, 0)
+    check_range("--eval-batch-size", data.eval_batch_size, 1)
+
+
+def validate_world(optim: OptimConfig, rt: Runtime) -> None:
+    """The global batch must split evenly over the processes."""
+    if optim.train_batch_size < rt.world_size:
+        raise ConfigError(f"--train-batch-size {optim.train_batch_size} is smaller than the "
+                          f"{rt.world_size} processes; give each process at least one image")
+    if optim.train_batch_size % rt.world_size:
+        raise ConfigError(f"--train-batch-size {optim.train_batch_size} must be divisible by the "
+                          f"{rt.world_size} processes")
+
+
+def validate_training(cfg: Any, prefix: str = "") -> None:
+    """The sections every training stage has: data, optimiser, runtime and labels."""
+    validate_data(cfg.data)
+    validate_optim(cfg.optim, prefix)
+    validate_runtime(cfg.runtime)
+    if hasattr(cfg, "labels"):
+        check_labels(cfg.labels)
+
+
+def validate_architecture(prefix: str, resnet_depth: Optional[int], width_multiplier: Optional[float],
+                          sk_ratio: Optional[float], num_proj_layers: Optional[int],
+                          proj_out_dim: Optional[int] = None) -> None:
+    """Architecture options (unset ones, None, are a student's copies of its teacher's)."""
     from simclrv2.models import RESNET_SPECS
 
-    if model.resnet_depth not in RESNET_SPECS:
-        raise ConfigError(f"--resnet-depth {model.resnet_depth} is not supported; choose one of {sorted(RESNET_SPECS)}")
-    if model.width_multiplier <= 0:
-        raise ConfigError(f"--width-multiplier must be positive, got {model.width_multiplier}")
-    if model.sk_ratio < 0:
-        raise ConfigError(f"--sk-ratio must be >= 0, got {model.sk_ratio}")
-    if model.num_proj_layers < 0 or model.proj_out_dim <= 0:
-        raise ConfigError("--num-proj-layers must be >= 0 and --proj-out-dim positive")
-    validate_selector(model.ft_proj_selector, model.num_proj_layers)
+    flag = f"--{prefix}"
+    if resnet_depth is not None and resnet_depth not in RESNET_SPECS:
+        raise ConfigError(f"{flag}resnet-depth {resnet_depth} is not supported; choose one of {sorted(RESNET_SPECS)}")
+    if width_multiplier is not None:
+        check_range(f"{flag}width-multiplier", width_multiplier, 1 / 64)  # one stem channel
+    if sk_ratio is not None:
+        check_range(f"{flag}sk-ratio", sk_ratio, 0)
+    if num_proj_layers is not None:
+        check_range(f"{flag}num-proj-layers", num_proj_layers, 0)
+    if proj_out_dim is not None:
+        check_range(f"{flag}proj-out-dim", proj_out_dim, 1)
 
 
-def validate_selector(selector: int, num_proj_layers: int) -> None:
+def validate_model(model: ModelConfig, prefix: str = "") -> None:
+    validate_architecture(prefix, model.resnet_depth, model.width_multiplier, model.sk_ratio, model.num_proj_layers,
+                          model.proj_out_dim)
+
+
+def validate_selector(selector: int, num_proj_layers: int, flag: str = "--ft-proj-selector") -> None:
     if not -1 <= selector <= num_proj_layers:
-        raise ConfigError(f"--ft-proj-selector {selector} is outside the head: use -1 or 0..{num_proj_layers} "
+        raise ConfigError(f"{flag} {selector} is outside the head: use -1 or 0..{num_proj_layers} "
                           f"(the head has --num-proj-layers {num_proj_layers})")
 
 
@@ -128,8 +209,6 @@ def local_batch_size(optim: OptimConfig, rt: Runtime) -> int:
 def image_size_of(data: DataConfig, dataset: D.TensorImageDataset | Any) -> int:
     """Configured image size, else the dataset's native size."""
     if data.image_size is not None:
-        if data.image_size <= 0:
-            raise ConfigError(f"--image-size must be positive, got {data.image_size}")
         return data.image_size
     return native_image_size(dataset)
 
@@ -153,8 +232,6 @@ def take_subset(dataset, data: DataConfig, seed: int):
     """``--subset N``: N training images chosen by a seeded shuffle (for quick trials)."""
     if data.subset is None:
         return dataset
-    if data.subset <= 0:
-        raise ConfigError(f"--subset must be positive, got {data.subset}")
     n = min(data.subset, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     return dataset.subset(order.sort().values)
@@ -279,6 +356,38 @@ def load_model(path_or_run: str, num_classes: Optional[int] = None) -> tuple[Sim
     return model, ckpt
 
 
+def load_input(checkpoint: str, num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any], dict[str, Any]]:
+    """:func:`load_model` of a run's input checkpoint, with the identity of the file it resolved
+    to (path, step, SHA-256), which the run records and compares on resume."""
+    path = resolve_checkpoint(checkpoint)
+    model, ckpt = load_model(str(path), num_classes)
+    return model, ckpt, checkpoint_identity(path, ckpt)
+
+
+def check_classes(recorded: Optional[list], num_outputs: int, classes: Any, checkpoint: str) -> None:
+    """Labels meet a model's classifier: its recorded class names must be the data's, in the same
+    order (a checkpoint without names, e.g. a converted one, must at least have as many outputs)."""
+    classes = list(classes)
+    if recorded is None:
+        if num_outputs != len(classes):
+            raise ConfigError(f"--checkpoint {checkpoint} has {num_outputs} classes but the data have {len(classes)}; "
+                              "pass data with the checkpoint's classes, or another checkpoint")
+        return
+    recorded = list(recorded)
+    if recorded == classes:
+        return
+    only_model = [c for c in recorded if c not in classes]
+    only_data = [c for c in classes if c not in recorded]
+    if only_model or only_data:
+        detail = (f"only in the checkpoint: {', '.join(only_model) or 'none'}; only in the data: "
+                  f"{', '.join(only_data) or 'none'}")
+    else:
+        detail = "the same classes in another order: " + ", ".join(
+            f"{i}: {a} -> {b}" for i, (a, b) in enumerate(zip(recorded, classes)) if a != b)
+    raise ConfigError(f"--checkpoint {checkpoint} was trained on other classes than the data ({detail}); pass data "
+                      "with the checkpoint's classes, or another checkpoint")
+
+
 _ARCHITECTURE = {"resnet_depth": "depth", "width_multiplier": "width_multiplier", "sk_ratio": "sk_ratio",
                  "cifar_stem": "cifar_stem", "num_proj_layers": "num_proj_layers", "proj_out_dim": "proj_out_dim"}
 
@@ -319,8 +428,6 @@ def freeze_for_finetuning(model: SimCLRv2Model, fine_tune_after_block: int) -> N
     -1 trains the whole network; 0 freezes the stem; k in 1..4 also freezes block groups 1..k.
     Head layers above ``ft_proj_selector`` are unused in fine-tuning and frozen too.
     """
-    if not -1 <= fine_tune_after_block <= 4:
-        raise ConfigError(f"--fine-tune-after-block must be in -1..4, got {fine_tune_after_block}")
     encoder = model.encoder
     frozen: list[nn.Module] = []
     if fine_tune_after_block >= 0:

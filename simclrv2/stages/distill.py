@@ -7,7 +7,6 @@ labelled images adds ``(1 - alpha)`` of the usual cross-entropy (paper equation 
 """
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from simclrv2.data import batches as B
 from simclrv2.config import ConfigError, DistillConfig
+from simclrv2.engine.run_folder import releases_run_folders, write_json
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
 from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
@@ -28,6 +28,17 @@ _STUDENT_KEYS = {"resnet_depth": "depth", "width_multiplier": "width_multiplier"
                  "num_proj_layers": "num_proj_layers", "ft_proj_selector": "ft_proj_selector"}
 
 
+def validate(cfg: DistillConfig, prefix: str = "") -> None:
+    """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``distill.``)."""
+    if cfg.checkpoint is None:
+        raise ConfigError("--checkpoint is required: the fine-tuned teacher (a .pt file or a run folder)")
+    C.validate_training(cfg, prefix)
+    s = cfg.student
+    C.validate_architecture(f"{prefix}student.", s.resnet_depth, s.width_multiplier, s.sk_ratio, s.num_proj_layers)
+    C.check_range(f"--{prefix}distill-temperature", cfg.distill_temperature, 0, low_open=True)
+    C.check_range(f"--{prefix}distill-alpha", cfg.distill_alpha, 0, 1)
+
+
 def student_kwargs(cfg: DistillConfig, teacher_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The teacher's architecture with the student options that were set."""
     kwargs = {k: v for k, v in teacher_kwargs.items() if k != "mode"}
@@ -35,13 +46,14 @@ def student_kwargs(cfg: DistillConfig, teacher_kwargs: dict[str, Any]) -> dict[s
         value = getattr(cfg.student, option)
         if value is not None:
             kwargs[key] = value
-    C.validate_selector(kwargs["ft_proj_selector"], kwargs["num_proj_layers"])
+    C.validate_selector(kwargs["ft_proj_selector"], kwargs["num_proj_layers"], "--student.ft-proj-selector")
     return kwargs
 
 
-def _initialise_student(student: torch.nn.Module, checkpoint: str) -> None:
-    """Copy a checkpoint's encoder and projection head into the student (its classifier stays new)."""
-    source, _ = C.load_model(checkpoint)
+def _initialise_student(student: torch.nn.Module, checkpoint: str) -> dict[str, Any]:
+    """Copy a checkpoint's encoder and projection head into the student (its classifier stays new);
+    returns the checkpoint's identity."""
+    source, _, identity = C.load_input(checkpoint)
     wanted = {k: v for k, v in source.state_dict().items() if not k.startswith("supervised_head.")}
     own = student.state_dict()
     mismatched = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
@@ -49,19 +61,17 @@ def _initialise_student(student: torch.nn.Module, checkpoint: str) -> None:
         raise ConfigError(f"--student-init {checkpoint} does not fit the student ({mismatched[0]}); "
                           "give a checkpoint of the student's architecture")
     student.load_state_dict(wanted, strict=False)
+    return identity
 
 
+@releases_run_folders
 def run(cfg: DistillConfig) -> dict[str, Any]:
     """Distill the teacher into the student, evaluate the student and return the metrics."""
-    if cfg.checkpoint is None:
-        raise ConfigError("--checkpoint is required: the fine-tuned teacher (a .pt file or a run folder)")
-    if cfg.distill_temperature <= 0:
-        raise ConfigError(f"--distill-temperature must be positive, got {cfg.distill_temperature}")
-    if not 0.0 <= cfg.distill_alpha <= 1.0:
-        raise ConfigError(f"--distill-alpha must be in [0, 1], got {cfg.distill_alpha}")
+    validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_common(cfg.optim, cfg.runtime, rt)
-    teacher, teacher_ckpt = C.load_model(cfg.checkpoint)
+    C.validate_world(cfg.optim, rt)
+    inputs: dict[str, Any] = {}
+    teacher, teacher_ckpt, inputs["checkpoint"] = C.load_input(cfg.checkpoint)
     if teacher.supervised_head is None:
         raise ConfigError(f"--checkpoint {cfg.checkpoint} has no classifier; distill from a fine-tuned checkpoint")
     if teacher.mode == "pretrain":
@@ -72,6 +82,9 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     unlabeled = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data,
                               cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, unlabeled)
+    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)  # the teacher's classes are the student's
+    C.check_classes(teacher_ckpt.get("classes"), teacher.supervised_head.linear.out_features, eval_set.classes,
+                    cfg.checkpoint)
     use_labels = cfg.distill_alpha < 1.0
     labelled = None
     if use_labels:
@@ -80,10 +93,10 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     kwargs["num_classes"] = teacher.supervised_head.linear.out_features
     student = build_simclrv2_model(**kwargs)
     if cfg.student_init:
-        _initialise_student(student, cfg.student_init)
+        inputs["student_init"] = _initialise_student(student, cfg.student_init)
     student.mode = "finetune"
     C.freeze_for_finetuning(student, -1)
-    run_dir = C.start_run(cfg, "distill", rt)
+    run_dir = C.start_run(cfg, "distill", rt, inputs)
     teacher = C.frozen_copy(teacher).to(rt.device).eval()
     if rt.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -126,9 +139,9 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         checkpoint_meta=C.checkpoint_meta(kwargs, "finetune", cfg, image_size, teacher_ckpt.get("classes")),
         stateful={"augment_rng": GeneratorState(generator)})
     metrics = train(task, rt, cfg.runtime, run_dir)
-    result = evaluate_model(net, cfg.data, image_size, rt)
+    result = evaluate_model(net, cfg.data, image_size, rt, eval_set)
     metrics.update(result)
     if rt.is_main:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(run_dir / "eval.json", result)
         print_summary("distill", run_dir, metrics, describe(rt))
     return {**metrics, "run_dir": str(run_dir)}

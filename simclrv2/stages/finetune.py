@@ -7,8 +7,7 @@ same recipe trains a randomly initialised network: the supervised-only baseline.
 """
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from simclrv2.data import batches as B
 from simclrv2.config import FinetuneConfig
 from simclrv2.engine.evaluation import evaluate_classifier
+from simclrv2.engine.run_folder import releases_run_folders, write_json
 from simclrv2.engine.runtime import Runtime, describe, prepare_model, setup_runtime, to_device_images
 from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
@@ -23,10 +23,23 @@ from simclrv2.models import SimCLRv2Model, SupervisedHead, build_simclrv2_model
 from simclrv2.stages import common as C
 
 
-def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tuple[SimCLRv2Model, dict[str, Any]]:
-    """Pretrained network with a new classifier, or a fresh one for the supervised baseline."""
+def validate(cfg: FinetuneConfig, prefix: str = "") -> None:
+    """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``finetune.``)."""
+    C.validate_training(cfg, prefix)
+    C.validate_model(cfg.model, prefix)
+    if not cfg.checkpoint:  # else the selector is checked against the checkpoint's head
+        C.validate_selector(cfg.model.ft_proj_selector, cfg.model.num_proj_layers, f"--{prefix}ft-proj-selector")
+    C.check_range(f"--{prefix}fine-tune-after-block", cfg.fine_tune_after_block, -1, 4)
+
+
+def _build_model(cfg: FinetuneConfig, image_size: int,
+                 num_classes: int) -> tuple[SimCLRv2Model, dict[str, Any], dict[str, Any]]:
+    """Pretrained network with a new classifier, or a fresh one for the supervised baseline; also
+    the run's inputs (the pretrained checkpoint's identity). The checkpoint's own classifier is
+    never reused, so its classes need not match the data's."""
+    inputs: dict[str, Any] = {}
     if cfg.checkpoint:
-        model, ckpt = C.load_model(cfg.checkpoint, num_classes=num_classes)
+        model, ckpt, inputs["checkpoint"] = C.load_input(cfg.checkpoint, num_classes=num_classes)
         C.check_architecture(cfg, "model", ckpt["model_config"], cfg.checkpoint)
         C.adopt_architecture(cfg.model, ckpt["model_config"])
         selector = cfg.model.ft_proj_selector
@@ -36,32 +49,36 @@ def _build_model(cfg: FinetuneConfig, image_size: int, num_classes: int) -> tupl
         kwargs = {k: v for k, v in ckpt["model_config"].items() if k != "mode"}
         kwargs.update(ft_proj_selector=selector, num_classes=num_classes)
     else:
-        C.validate_model(cfg.model)
         kwargs = C.model_kwargs(cfg.model, image_size, num_classes)
         model = build_simclrv2_model(**kwargs)
     model.supervised_head.reset_parameters(zero_init=cfg.zero_init_logits_layer)
     model.mode = "finetune"
     C.freeze_for_finetuning(model, cfg.fine_tune_after_block)
-    return model, kwargs
+    return model, kwargs, inputs
 
 
-def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Runtime) -> dict[str, Any]:
-    """Top-1 / top-5 of ``net``'s logits on the configured evaluation split."""
-    eval_set, preprocess = B.eval_inputs(C.load_split(cfg_data, cfg_data.eval_split, image_size), image_size)
+def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Runtime,
+                   dataset: Optional[Any] = None) -> dict[str, Any]:
+    """Top-1 / top-5 of ``net``'s logits on ``dataset``, by default the configured evaluation split."""
+    if dataset is None:
+        dataset = C.load_split(cfg_data, cfg_data.eval_split, image_size)
+    eval_set, preprocess = B.eval_inputs(dataset, image_size)
     net.eval()
     return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
         eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device, cfg_data.num_workers), rt, preprocess)
 
 
+@releases_run_folders
 def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     """Fine-tune (or train the baseline), evaluate on ``--eval-split`` and return the metrics."""
+    validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_common(cfg.optim, cfg.runtime, rt)
+    C.validate_world(cfg.optim, rt)
     full, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, full)
     C.fit_batch_to_data(cfg.optim, len(labelled), rt)
-    model, kwargs = _build_model(cfg, image_size, len(full.classes))
-    run_dir = C.start_run(cfg, stage, rt)
+    model, kwargs, inputs = _build_model(cfg, image_size, len(full.classes))
+    run_dir = C.start_run(cfg, stage, rt, inputs)
 
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = C.build_optimizer(model, cfg.optim)
@@ -89,7 +106,7 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     result = evaluate_model(net, cfg.data, image_size, rt)
     metrics.update(result, num_labelled=len(labelled))
     if rt.is_main:
-        (run_dir / "eval.json").write_text(json.dumps({**result, "num_labelled": len(labelled),
-                                                       "labels": C.describe_labels(cfg.labels)}, indent=2) + "\n")
+        write_json(run_dir / "eval.json", {**result, "num_labelled": len(labelled),
+                                           "labels": C.describe_labels(cfg.labels)})
         print_summary(stage, run_dir, metrics, describe(rt))
     return {**metrics, "run_dir": str(run_dir)}

@@ -9,15 +9,15 @@ gives a slightly lower number than training through augmented views.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from simclrv2.data import batches as B
-from simclrv2.config import LinearEvalConfig
+from simclrv2.config import ConfigError, LinearEvalConfig
 from simclrv2.engine.evaluation import evaluate_classifier, extract_features
+from simclrv2.engine.run_folder import releases_run_folders, write_json
 from simclrv2.engine.runtime import Runtime, describe, setup_runtime
 from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import TrainTask, train
@@ -34,19 +34,27 @@ def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, r
                             preprocess)
 
 
-def run(cfg: LinearEvalConfig) -> dict[str, Any]:
-    """Train and evaluate the linear classifier; return top-1/top-5 on ``--eval-split``."""
+def validate(cfg: LinearEvalConfig, prefix: str = "") -> None:
+    """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``linear-eval.``);
+    ``--ft-proj-selector`` is checked against the checkpoint's head."""
     if cfg.checkpoint is None:
-        from simclrv2.config import ConfigError
         raise ConfigError("--checkpoint is required: the pretrained model to evaluate (a .pt file or a run folder)")
+    C.validate_training(cfg, prefix)
+
+
+@releases_run_folders
+def run(cfg: LinearEvalConfig) -> dict[str, Any]:
+    """Train and evaluate the linear classifier; return top-1/top-5 on ``--eval-split``. The
+    classifier is new, so the checkpoint's classes need not match the data's."""
+    validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_common(cfg.optim, cfg.runtime, rt)
-    model, ckpt = C.load_model(cfg.checkpoint)
+    C.validate_world(cfg.optim, rt)
+    model, ckpt, identity = C.load_input(cfg.checkpoint)
     C.validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
     full, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, full)
     C.fit_batch_to_data(cfg.optim, len(labelled), rt)
-    run_dir = C.start_run(cfg, "linear-eval", rt)
+    run_dir = C.start_run(cfg, "linear-eval", rt, {"checkpoint": identity})
 
     model = model.to(rt.device).eval()
     if rt.channels_last:
@@ -82,6 +90,6 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
                                                              device=rt.device), one_rank, lambda t: t)
     metrics.update(result, num_labelled=len(labelled))
     if rt.is_main:
-        (run_dir / "eval.json").write_text(json.dumps({**result, "num_labelled": len(labelled)}, indent=2) + "\n")
+        write_json(run_dir / "eval.json", {**result, "num_labelled": len(labelled)})
         print_summary("linear-eval", run_dir, metrics, describe(rt))
     return {**metrics, "run_dir": str(run_dir)}

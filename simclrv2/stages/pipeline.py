@@ -4,7 +4,8 @@ For each amount of labels the pipeline runs linear evaluation of the pretrained 
 fine-tunes it, distills the fine-tuned teacher into a student on all unlabeled images, and trains
 the same architecture from scratch on the same labels (the supervised-only baseline). The report
 (``report.json``, ``report.md``, ``report.png``) shows what each stage bought (paper Figure 3).
-Rerunning the command in the same run folder resumes where it stopped.
+Rerunning the command in the same run folder resumes where it stopped; a stage whose inputs
+changed since (an earlier stage trained on) is set aside and run again.
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import copy
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from simclrv2 import distributed as D
 from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
 from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
+from simclrv2.engine.run_folder import StaleInputs, releases_run_folders, set_aside
 from simclrv2.engine.runtime import join_process_group
 from simclrv2.stages import distill, finetune, linear_eval, pretrain
+from simclrv2.stages.common import claim_run_folder, validate_data, validate_runtime
 
 STAGE_KEYS = ("baseline", "linear_eval", "finetuned", "distilled")
 
@@ -29,8 +32,8 @@ def _label_settings(cfg: PipelineConfig) -> list[tuple[Optional[str], LabelConfi
     labelled fraction they amount to is known."""
     settings = []
     for count in cfg.labels_per_class:
-        if int(count) <= 0:
-            raise ConfigError(f"--labels-per-class values must be positive, got {count}")
+        if not (float(count).is_integer() and count > 0):
+            raise ConfigError(f"--labels-per-class values must be positive whole numbers, got {count}")
         settings.append((None, LabelConfig(labels_per_class=int(count))))
     for fraction in cfg.label_fractions:
         if not 0 < float(fraction) <= 1:
@@ -51,8 +54,62 @@ def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **
     return out
 
 
+def _label_stages(cfg: PipelineConfig, run_dir: Path, labels: LabelConfig, folder: str) -> dict[str, Any]:
+    """The configs of the stages run for one amount of labels, in ``run_dir/folder``.
+
+    A same-size student starts from the pretrained network, so that a short distillation on a
+    CPU budget can keep up with its teacher; a smaller student starts from random weights.
+    """
+    pretrained, stage_dir = str(run_dir / "pretrain"), run_dir / folder
+    self_distillation = all(value is None for value in vars(cfg.distill.student).values())
+    return {
+        "linear_eval": _stage_cfg(cfg.linear_eval, cfg, stage_dir, "linear_eval", labels=labels,
+                                  checkpoint=pretrained),
+        "finetune": _stage_cfg(cfg.finetune, cfg, stage_dir, "finetune", labels=labels, checkpoint=pretrained),
+        "distill": _stage_cfg(cfg.distill, cfg, stage_dir, "distill", labels=labels,
+                              checkpoint=str(stage_dir / "finetune"),
+                              student_init=pretrained if self_distillation else None),
+        "baseline": _stage_cfg(cfg.baseline, cfg, stage_dir, "baseline", labels=labels, checkpoint=None,
+                               model=copy.deepcopy(cfg.pretrain.model)),
+    }
+
+
+def _folder(key: Optional[str], labels: LabelConfig) -> str:
+    return f"labels-{labels.labels_per_class}-per-class" if key is None else f"labels-{key}"
+
+
+def validate(cfg: PipelineConfig, run_dir: Path) -> None:
+    """Every stage's settings, checked before pretraining starts (flags named as the pipeline's)."""
+    validate_data(cfg.data)
+    validate_runtime(cfg.runtime)
+    pretrain.validate(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"), "pretrain.")
+    for key, labels in _label_settings(cfg):
+        stages = _label_stages(cfg, run_dir, labels, _folder(key, labels))
+        linear_eval.validate(stages["linear_eval"], "linear-eval.")
+        finetune.validate(stages["finetune"], "finetune.")
+        distill.validate(stages["distill"], "distill.")
+        finetune.validate(stages["baseline"], "baseline.")
+
+
+def _run_stage(run: Callable[..., dict[str, Any]], cfg: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a stage in its sub-folder. If the run there started from other inputs (an earlier stage
+    went on since, e.g. under a larger --max-steps), its folder is kept as ``<name>.stale-<k>``
+    and the stage runs afresh: a result computed from older inputs is never reused, nor deleted."""
+    try:
+        return run(copy.deepcopy(cfg), **kwargs)
+    except StaleInputs as err:
+        if D.is_main():
+            kept = set_aside(Path(cfg.runtime.run_dir))
+            print(f"note: {cfg.runtime.run_dir} started from other inputs ({'; '.join(err.changes)}); kept it as "
+                  f"{kept.name} and running the stage again")
+        D.barrier()
+        return run(copy.deepcopy(cfg), **kwargs)
+
+
+@releases_run_folders
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage and write the report; returns the report dict."""
+    """Run every stage and write the report; returns the report dict. The pipeline holds its
+    folder's lock throughout, each stage its sub-folder's."""
     start = time.perf_counter()
     join_process_group(cfg.runtime.device)  # under torchrun: one process group for all stages; rank 0 writes
     if cfg.runtime.run_dir is None:
@@ -60,31 +117,22 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if D.is_main():
             print(f"writing to {cfg.runtime.run_dir}")
     run_dir = Path(cfg.runtime.run_dir)
+    validate(cfg, run_dir)
+    claim_run_folder(run_dir, "pipeline", cfg, {}, D.is_main())
     if D.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
 
-    settings = _label_settings(cfg)
     num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
     if cfg.data.subset is not None:
         num_train = min(num_train, cfg.data.subset)
-    pre = pretrain.run(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
-    # A same-size student starts from the pretrained network, so that a short distillation on a
-    # CPU budget can keep up with its teacher; a smaller student starts from random weights.
-    self_distillation = all(value is None for value in vars(cfg.distill.student).values())
+    pre = _run_stage(pretrain.run, _stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
     results: dict[str, dict[str, Any]] = {}
-    for key, labels in settings:
-        folder = f"labels-{labels.labels_per_class}-per-class" if key is None else f"labels-{key}"
-        stage_dir = run_dir / folder
-        le = linear_eval.run(_stage_cfg(cfg.linear_eval, cfg, stage_dir, "linear_eval", labels=labels,
-                                        checkpoint=pre["run_dir"]))
-        ft = finetune.run(_stage_cfg(cfg.finetune, cfg, stage_dir, "finetune", labels=labels,
-                                     checkpoint=pre["run_dir"]))
-        ds = distill.run(_stage_cfg(cfg.distill, cfg, stage_dir, "distill", labels=labels, checkpoint=ft["run_dir"],
-                                    student_init=pre["run_dir"] if self_distillation else None))
-        baseline_cfg = _stage_cfg(cfg.baseline, cfg, stage_dir, "baseline", labels=labels, checkpoint=None,
-                                  model=copy.deepcopy(cfg.pretrain.model))
-        bl = finetune.run(baseline_cfg, stage="baseline")
+    for key, labels in _label_settings(cfg):
+        stages = _label_stages(cfg, run_dir, labels, _folder(key, labels))
+        le = _run_stage(linear_eval.run, stages["linear_eval"])
+        ft = _run_stage(finetune.run, stages["finetune"])
+        ds = _run_stage(distill.run, stages["distill"])
+        bl = _run_stage(finetune.run, stages["baseline"], stage="baseline")
         fraction = ft["num_labelled"] / num_train
         report_key = key if key is not None else f"{round(fraction, 6):g}"
         results[report_key] = {

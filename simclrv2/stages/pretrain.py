@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from simclrv2.data import batches as B
 from simclrv2.distributed import all_gather_nograd
-from simclrv2.config import ConfigError, PretrainConfig
+from simclrv2.config import PretrainConfig
 from simclrv2.engine.evaluation import evaluate_classifier
+from simclrv2.engine.run_folder import releases_run_folders
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images, unwrap
 from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
@@ -26,24 +27,22 @@ from simclrv2.models import build_simclrv2_model
 from simclrv2.stages import common as C
 
 
-def validate(cfg: PretrainConfig) -> None:
-    C.validate_model(cfg.model)
-    if cfg.data.augmentation not in B.AUGMENTATIONS:
-        raise ConfigError(f"--augmentation must be one of {', '.join(B.AUGMENTATIONS)}, got {cfg.data.augmentation!r}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"--temperature must be positive, got {cfg.temperature}")
-    if cfg.use_memory:
-        if cfg.memory_size <= 0:
-            raise ConfigError(f"--memory-size must be positive, got {cfg.memory_size}")
-        if not 0.0 <= cfg.memory_momentum < 1.0:
-            raise ConfigError(f"--memory-momentum must be in [0, 1), got {cfg.memory_momentum}")
+def validate(cfg: PretrainConfig, prefix: str = "") -> None:
+    """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``pretrain.``)."""
+    C.validate_training(cfg, prefix)
+    C.validate_model(cfg.model, prefix)
+    C.validate_selector(cfg.model.ft_proj_selector, cfg.model.num_proj_layers, f"--{prefix}ft-proj-selector")
+    C.check_range(f"--{prefix}temperature", cfg.temperature, 0, low_open=True)
+    C.check_range(f"--{prefix}memory-size", cfg.memory_size, 1)
+    C.check_range(f"--{prefix}memory-momentum", cfg.memory_momentum, 0, 1, high_open=True)
 
 
+@releases_run_folders
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain and return the final metrics; checkpoints land in ``RUN_DIR/checkpoints``."""
     validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_common(cfg.optim, cfg.runtime, rt)
+    C.validate_world(cfg.optim, rt)
     train_set = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, train_set)
     has_labels = train_set.labels is not None and cfg.lineareval_while_pretraining
