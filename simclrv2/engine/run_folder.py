@@ -40,7 +40,8 @@ CONFIG_FILE = "config.json"
 RESUMABLE = frozenset({
     "runtime.run_dir", "runtime.resume", "runtime.max_steps", "runtime.device", "runtime.channels_last",
     "runtime.compile", "runtime.num_threads", "data.num_workers", "runtime.progress", "runtime.log_every_steps",
-    "runtime.checkpoint_steps", "runtime.keep_checkpoint_max", "runtime.on_nonfinite", "data.eval_batch_size",
+    "runtime.checkpoint_steps", "runtime.keep_checkpoint_max", "runtime.on_nonfinite", "runtime.max_skipped_steps",
+    "data.eval_batch_size",
 })
 """Settings (``section.option``) a rerun may change: they say where, how fast and how far the run
 goes and what it prints or keeps, not what it computes.
@@ -52,7 +53,8 @@ goes and what it prints or keeps, not what it computes.
   seeded per step and image, not per worker), so a run can move to another machine.
 - ``progress``, ``log_every_steps``, ``checkpoint_steps``, ``keep_checkpoint_max``: what is shown,
   logged and kept.
-- ``on_nonfinite``: what a non-finite loss does; after such a stop the advice is to resume with ``skip``.
+- ``on_nonfinite``, ``max_skipped_steps``: what a non-finite step does; after such a stop the advice is to resume
+  with ``skip``.
 - ``eval_batch_size``: evaluation only, whose counts do not depend on the batch.
 
 Everything else is compared: the model, data, optimiser, label and stage options, the seed,

@@ -16,7 +16,8 @@ from simclrv2.stages.finetune import evaluate_model
 
 # Runtime options that only a training stage reads.
 TRAINING_ONLY = frozenset(f"runtime.{name}" for name in (
-    "max_steps", "resume", "checkpoint_steps", "keep_checkpoint_max", "log_every_steps", "on_nonfinite", "compile"))
+    "max_steps", "resume", "checkpoint_steps", "keep_checkpoint_max", "log_every_steps", "on_nonfinite", "max_skipped_steps",
+    "compile"))
 
 
 def validate(cfg: EvaluateConfig) -> None:
