@@ -1,25 +1,17 @@
 """The network step alone, on the CPU: the ceiling of the end-to-end ratios.
 
-``run.py``'s end-to-end keys time whole training loops. This script times only what is left when
-the data cost nothing: one training step of an e2e model (forward of both views as one batch,
-NT-Xent, backward, SGD) on fixed synthetic views, in the reference's float32 NCHW against our CPU
-default (bf16 autocast + channels-last), alternating in one process. The loss and optimiser are
-the same on both sides (``reference.nt_xent``, ``torch.optim.SGD``), so the ratio is what
-precision and memory layout buy the network. Each step is split by operator (``torch.profiler``):
-convolution forward, convolution backward (input and weight gradients), batch norm (forward and
-backward), the rest. The step's convolution FLOPs are counted, and the best rate of the CPU's
-dense kernels is measured in both precisions, to show how close the convolutions run to it.
+One training step of an e2e model (both views as one batch, NT-Xent, backward, SGD) on fixed
+synthetic views, in the reference's float32 NCHW against our CPU default (bf16 autocast +
+channels-last), alternating in one process, with the same loss (``reference.nt_xent``) and SGD on
+both sides. Each step is split by operator (``torch.profiler``), its convolution FLOPs counted,
+and the CPU's dense-kernel peak measured in both precisions. No end-to-end loop beats its network
+step, so ``run.py``'s ratio for a model is at most about this step's ours over the reference loop.
 
-    python benchmarks/network.py --model embedded --json network.json   # about 1 minute here
-
-An end-to-end loop cannot beat its network step, so ``run.py``'s ratio for a model is at most about
-this script's ``ours`` images/s over the reference loop's end-to-end images/s (about: our loop
-uses LARS and its own NT-Xent, a little more work than SGD and the plain loss here).
+    python benchmarks/network.py --model embedded --json results/cpu_amd_epyc_2core.json  # ~1 min
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import common  # noqa: E402
 import reference  # noqa: E402
-from measure import E2E_MODELS, e2e_overrides  # noqa: E402
+from measure import E2E_MODELS, e2e_config, e2e_model  # noqa: E402
 
 # (precision, memory format) of each side: the reference loop's, and our CPU default.
 SIDES = {"reference": (torch.float32, torch.contiguous_format), "ours": (torch.bfloat16, torch.channels_last)}
@@ -94,23 +87,17 @@ class NetworkStep(NamedTuple):
 
 def make_step(model_key: str, side: str, batch_size: int) -> NetworkStep:
     """One training step of the ``model_key`` e2e model as ``side`` runs it, on fixed synthetic views."""
-    from simclrv2.config import build
-    from simclrv2.models import build_simclrv2_model
-    from simclrv2.stages.common import model_kwargs
-
     dtype, memory_format = SIDES[side]
-    cfg = build("pretrain", e2e_overrides(model_key))
-    size = E2E_MODELS[model_key]["image_size"]
+    temperature, size = e2e_config(model_key).temperature, E2E_MODELS[model_key]["image_size"]
     torch.manual_seed(0)
-    model = build_simclrv2_model(**model_kwargs(cfg.model, size, None)).to(memory_format=memory_format)
-    model.train()
+    model = e2e_model(model_key).to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     views = torch.rand(2 * batch_size, 3, size, size).contiguous(memory_format=memory_format)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             projection = model(views)[0]
-        loss = reference.nt_xent(projection.float(), cfg.temperature)
+        loss = reference.nt_xent(projection.float(), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -209,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of timed steps per side")
     parser.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
-    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--json", type=Path, help="the results file to merge the figures into (key network_MODEL)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
@@ -218,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model, args.batch_size, args.rounds, args.steps, args.warmup)
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        common.record(args.json, common.machine(), {f"network_{args.model}": result})
     return 0
 
 
