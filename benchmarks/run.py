@@ -101,8 +101,8 @@ def specs(key: str, plan: dict[str, Any], device: str) -> tuple[dict[str, Any], 
     if key.startswith("augment"):
         p = plan["augment"]
 
-        def spec(kind: str, workers: int, **extra: Any) -> dict[str, Any]:
-            warmup, batches = _waves(workers, p["warmup"], p["batches"])
+        def spec(kind: str, loader_workers: int, **extra: Any) -> dict[str, Any]:
+            warmup, batches = _waves(loader_workers, p["warmup"], p["batches"])
             images = max(4096, (warmup + batches + 1) * 256)  # no epoch end while timing
             return {"kind": kind, "size": size, "batch_size": 256, "num_images": images, "strength": 1.0,
                     "warmup": warmup, "batches": batches, **extra}
@@ -115,8 +115,8 @@ def specs(key: str, plan: dict[str, Any], device: str) -> tuple[dict[str, Any], 
     longest = max(sum(_waves(w, p["warmup"], p["batches"])) for w in [ours_workers, *p["workers"]])
     batch = min(p["batch_size"], FOLDER_IMAGES // (longest + 1))
 
-    def folder(kind: str, workers: int, **extra: Any) -> dict[str, Any]:
-        warmup, batches = _waves(workers, p["warmup"], p["batches"])
+    def folder(kind: str, loader_workers: int, **extra: Any) -> dict[str, Any]:
+        warmup, batches = _waves(loader_workers, p["warmup"], p["batches"])
         return {"kind": kind, "size": size, "batch_size": batch, "num_images": FOLDER_IMAGES, "strength": 1.0,
                 "warmup": warmup, "batches": batches, **extra}
     return folder("folder_ours", ours_workers, device=device), [folder("folder_reference", w, workers=w)

@@ -25,15 +25,20 @@ from tiny_data import write_tiny_fashion_mnist
 
 GPU, NEEDS_CUDA = pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BOTH = ["cpu", pytest.param("cuda", marks=[GPU, NEEDS_CUDA])]
-TINY = ["--width-multiplier", "0.125", "--train-batch-size", "32", "--progress", "false", "--eval-batch-size", "64"]
+FAST = ["--progress", "false", "--eval-batch-size", "64", "--num-threads", "1"]
+TINY = ["--width-multiplier", "0.125", "--train-batch-size", "32", *FAST]
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def _no_tf32_one_thread():
+    """TF32 off for the comparisons; one CPU thread, as the stage tests run (tiny ops crawl on a
+    busy machine's OpenMP threads)."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_num_threads(1)
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, threads = previous
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +203,7 @@ def test_every_command_runs_on_the_device(device, data_dir, tmp_path):
     """``pipeline`` with the MoCo-style memory, then ``evaluate`` and ``export`` of its distilled
     student (by the command, and by the API from the model on the device), and on CUDA
     ``pretrain`` in fp16 with its gradient scaler, stopped and resumed."""
-    shared = ["--data-dir", str(data_dir), "--device", device, "--progress", "false", "--eval-batch-size", "64"]
+    shared = ["--data-dir", str(data_dir), "--device", device, *FAST]
     assert cli(["pipeline", *shared, "--run-dir", str(tmp_path / "pipeline"), "--pretrain.width-multiplier", "0.125",
                 "--pretrain.train-steps", "4", "--pretrain.train-batch-size", "32", "--pretrain.use-memory", "true",
                 "--pretrain.memory-size", "64", "--finetune.train-steps", "2", "--baseline.train-steps", "2",
@@ -218,7 +223,7 @@ def test_every_command_runs_on_the_device(device, data_dir, tmp_path):
     export_model(on_device, tmp_path / "on_device.onnx", "onnx", 28)
     assert next(on_device.parameters()).device.type == device  # the export leaves the model where it was
     if device == "cuda":
-        fp16 = ["pretrain", *shared, *TINY, "--run-dir", str(tmp_path / "fp16"), "--train-steps", "4",
+        fp16 = ["pretrain", *shared, *TINY[:4], "--run-dir", str(tmp_path / "fp16"), "--train-steps", "4",
                 "--precision", "fp16", "--checkpoint-steps", "2"]
         assert cli([*fp16, "--max-steps", "2"]) == 0 and cli(fp16) == 0
         assert _last_step(tmp_path / "fp16") == 4
