@@ -102,25 +102,25 @@ def write_synthetic_jpeg_folder(parent: Path, n: int, classes: int = 10) -> Path
 # ---------------------------------------------------------------------------------------------
 # Memory and machine load
 # ---------------------------------------------------------------------------------------------
-def _proc_kib(pid: int, name: str, key: str) -> int:
-    try:
-        line = next(line for line in Path(f"/proc/{pid}/{name}").read_text().splitlines() if line.startswith(key))
-        return int(line.split()[1])
-    except (OSError, StopIteration):
-        return 0
+def _pss_kib(pid: int) -> int:
+    """Proportional set size (RSS where the kernel has no ``smaps_rollup``), 0 for a gone process."""
+    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/{name}").read_text().splitlines()
+                        if line.startswith(key))
+        except (OSError, StopIteration):
+            pass
+    return 0
 
 
 def _process_tree(pid: int) -> list[int]:
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo.extend(int(k) for k in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return tree
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid] + [p for child in children for p in _process_tree(child)]
 
 
 class MemorySampler:
@@ -135,9 +135,7 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        pids = _process_tree(os.getpid())
-        self.peak_kib = max(self.peak_kib, sum(_proc_kib(p, "smaps_rollup", "Pss:") or _proc_kib(p, "status", "VmRSS:")
-                                               for p in pids))
+        self.peak_kib = max(self.peak_kib, sum(map(_pss_kib, _process_tree(os.getpid()))))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -199,16 +197,12 @@ class StepTimer:
         self.phases: dict[str, list[tuple[int, float]]] = {}
 
     def wrap(self, iterable):
-        for_each = iter(iterable)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(for_each)
-            except StopIteration:
-                return
+        items, t0 = iter(iterable), time.perf_counter()
+        for item in items:
             self.requested.append(t0)
             self.received.append(time.perf_counter())
             yield item
+            t0 = time.perf_counter()
 
     def run(self, batches, steps: int, step=None) -> None:
         """``steps`` steps of ``step(batch)`` (nothing: a loader alone) over ``batches``."""

@@ -98,19 +98,19 @@ def augment_ours(spec: dict[str, Any]) -> dict[str, Any]:
     return {**timer.summary(spec["warmup"], batch), "threads": torch.get_num_threads(), **_memory(device, mem)}
 
 
-def _reference_loader(loader, spec: dict[str, Any]) -> dict[str, Any]:
-    timer = common.StepTimer()
-    timer.run(loader, spec["warmup"] + spec["batches"])
-    return timer.summary(spec["warmup"], spec["batch_size"])
+def _reference(spec: dict[str, Any], images) -> dict[str, Any]:
+    """The reference's DataLoader alone (its workers make the views), over an array or a folder."""
+    with common.MemorySampler() as mem:
+        loader = reference.make_loader(images() if callable(images) else images, spec["size"], spec["batch_size"],
+                                       spec["workers"], spec["strength"])
+        timer = common.StepTimer()
+        timer.run(loader, spec["warmup"] + spec["batches"])
+    del loader  # after the sampler's last sample, which must still see the workers
+    return {**timer.summary(spec["warmup"], spec["batch_size"]), **_memory(torch.device("cpu"), mem)}
 
 
 def augment_reference(spec: dict[str, Any]) -> dict[str, Any]:
-    with common.MemorySampler() as mem:
-        images = reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], spec["size"]))
-        loader = reference.make_loader(images, spec["size"], spec["batch_size"], spec["workers"], spec["strength"])
-        result = _reference_loader(loader, spec)
-    del loader  # after the sampler's last sample, which must still see the workers
-    return {**result, **_memory(torch.device("cpu"), mem)}
+    return _reference(spec, lambda: reference.to_hwc_rgb(common.synthetic_images(spec["num_images"], spec["size"])))
 
 
 def _jpegs(spec: dict[str, Any]) -> Path:
@@ -137,13 +137,7 @@ def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def folder_reference(spec: dict[str, Any]) -> dict[str, Any]:
-    root = _jpegs(spec)
-    with common.MemorySampler() as mem:
-        loader = reference.make_folder_loader(str(root), spec["size"], spec["batch_size"], spec["workers"],
-                                              spec["strength"])
-        result = _reference_loader(loader, spec)
-    del loader
-    return {**result, **_memory(torch.device("cpu"), mem)}
+    return _reference(spec, str(_jpegs(spec)))
 
 
 class _TimedSource:

@@ -57,14 +57,14 @@ def flops_by_phase(counts: dict[Any, int]) -> dict[str, float]:
 
 
 def _best_gflops(fn: Callable[[], Any], flop: float, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return flop / best / 1e9
+    fn()
+    return flop / min(_seconds(fn) for _ in range(repeats)) / 1e9
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def dense_peak_gflops(dtype: torch.dtype, repeats: int = 8) -> float:
@@ -132,10 +132,7 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(rounds):  # alternating, so that both sides see the same machine
         for side, step in steps_of.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                step()
-                times[side].append(time.perf_counter() - start)
+            times[side] += [_seconds(step) for _ in range(steps)]
     peaks = {"float32": dense_peak_gflops(torch.float32), "bfloat16": dense_peak_gflops(torch.bfloat16)}
     result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": E2E_MODELS[model_key]["image_size"],
                               "rounds": rounds, "steps": steps, "warmup": warmup,
@@ -164,28 +161,17 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
 
 
 def report(result: dict[str, Any]) -> str:
-    """The result as a side-by-side table."""
-    ref, ours = result["reference"], result["ours"]
-    lines = [f"{result['model']}: one training step, batch {result['batch_size']} "
-             f"({2 * result['batch_size']} views of {result['image_size']} px), {result['threads']} threads, "
-             "synthetic views, same loss and SGD on both sides",
-             f"{'':28s}{'reference fp32 NCHW':>24s}{'ours bf16 channels-last':>26s}{'ratio':>9s}",
-             f"{'step (best)':28s}{ref['step_ms_best']:14.0f} ms {ref['images_per_s']:5.0f}/s"
-             f"{ours['step_ms_best']:16.0f} ms {ours['images_per_s']:5.0f}/s{result['ratio']:8.2f}x"]
-    lines.append("under the profiler, per step:")
-    for phase in ("conv_forward", "conv_backward", "batch_norm", "rest", "step"):
-        r, o = ref["profiled_ms"][phase], ours["profiled_ms"][phase]
-        rate = ""
-        if phase in ours["conv_gflops_per_s"]:
-            rate = (f"  ({ours['conv_gflop'][phase]:.1f} GFLOP: {ref['conv_gflops_per_s'][phase]:.0f} and "
-                    f"{ours['conv_gflops_per_s'][phase]:.0f} GFLOP/s)")
-        lines.append(f"  {phase.replace('_', ' '):26s}{r:17.0f} ms{o:23.0f} ms{r / o:8.2f}x{rate}")
-    peaks = result["dense_peak_gflops"]
-    lines += [f"{'dense-kernel peak':28s}{peaks['float32']:13.0f} GFLOP/s{peaks['bfloat16']:17.0f} GFLOP/s"
-              f"{peaks['bfloat16'] / peaks['float32']:8.2f}x",
-              f"convolutions at {ref['conv_fraction_of_peak']:.0%} and {ours['conv_fraction_of_peak']:.0%} of their "
-              f"precision's dense-kernel peak; with every convolution at the peak the steps would make "
-              f"{ref['images_per_s_convs_at_peak']:.0f} and {ours['images_per_s_convs_at_peak']:.0f} images/s"]
+    """The result as a side-by-side table (ms per step; the profiled phases, then the peaks)."""
+    ref, ours, peaks = result["reference"], result["ours"], result["dense_peak_gflops"]
+    rows = [("step (best)", ref["step_ms_best"], ours["step_ms_best"])]
+    rows += [(phase.replace("_", " "), ref["profiled_ms"][phase], ours["profiled_ms"][phase])
+             for phase in ("conv_forward", "conv_backward", "batch_norm", "rest", "step")]
+    lines = [f"{result['model']}, batch {result['batch_size']}, {result['threads']} threads: reference fp32 NCHW, "
+             f"ours bf16 channels-last ({result['ratio']:.2f}x images/s)"]
+    lines += [f"  {name:16s}{r:9.0f} ms{o:9.0f} ms{r / o:7.2f}x" for name, r, o in rows]
+    lines.append(f"dense-kernel peak {peaks['float32']:.0f} / {peaks['bfloat16']:.0f} GFLOP/s; convolutions at "
+                 f"{ref['conv_fraction_of_peak']:.0%} / {ours['conv_fraction_of_peak']:.0%} of it; all at the peak: "
+                 f"{ref['images_per_s_convs_at_peak']:.0f} / {ours['images_per_s_convs_at_peak']:.0f} images/s")
     return "\n".join(lines)
 
 

@@ -1,10 +1,13 @@
-"""The benchmark harness's arithmetic and bookkeeping: step timing, the step's shares inside the
-engine's loop, ours / reference ratios, and the one results file per machine kind. The timings
-themselves are not run here (see ``benchmarks/README.md``)."""
+"""The benchmark scripts, checked without timing anything: step timing and the step's shares in the
+engine's loop, ours / reference ratios, the one results file per machine kind, the network step's
+operator split and FLOPs against independent counts, and ``gpu.py``'s pieces at tiny sizes on the
+CPU (it runs once per lent GPU session, so it must be right before it gets there)."""
+import functools
 import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +30,7 @@ def _load(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
-common, measure, run = _load("common"), _load("measure"), _load("run")
+common, measure, run, network, gpu = (_load(name) for name in ("common", "measure", "run", "network", "gpu"))
 
 
 def _marked_timer(marks_per_step, waits=None):
@@ -155,3 +158,121 @@ def test_machine_kind_names_the_cpu_model_or_the_gpu(monkeypatch, model, gpu, ki
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1})
     info = common.machine(gpu)
     assert info["kind"] == kind and info["cpu_model"] == model
+
+
+# --------------------------------------------------------------------------- network.py
+def _conv_flops_by_hand(model: torch.nn.Module, views: torch.Tensor) -> tuple[float, float]:
+    """(forward, backward) FLOPs of every convolution from its output shape: 2 x outputs x C_in/groups
+    x kernel area forward; the backward makes the weight gradient for each and the input gradient for
+    all but the first convolution, whose input (the images) needs none."""
+    forward, first = [], []
+
+    def hook(module, inputs, output):
+        kh, kw = module.kernel_size
+        flops = 2 * output.numel() * module.in_channels // module.groups * kh * kw
+        forward.append(flops)
+        if not inputs[0].requires_grad:
+            first.append(flops)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(views)
+    for handle in handles:
+        handle.remove()
+    return float(sum(forward)), float(2 * sum(forward) - sum(first))
+
+
+def test_convolution_flops_of_the_embedded_step_match_a_count_from_the_layer_shapes():
+    step = network.make_step("embedded", "reference", batch_size=2)
+    _, flops = network.profile_step(step.run, steps=1)
+    forward, backward = _conv_flops_by_hand(step.model, step.views)
+    assert flops["conv_forward"] == pytest.approx(forward)
+    assert flops["conv_backward"] == pytest.approx(backward)
+
+
+@pytest.mark.parametrize("side", ["reference", "ours"])
+def test_every_operator_the_phases_name_occurs_in_a_profiled_step(side):
+    # A phase whose operators PyTorch renamed would silently read 0 ms.
+    from torch.profiler import ProfilerActivity, profile
+
+    step = network.make_step("embedded", side, batch_size=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.run()
+    seen = {event.key for event in prof.key_averages()}
+    assert {op for ops in network.PHASE_OPS.values() for op in ops} <= seen
+
+
+def test_phase_times_add_up_each_phases_operators_per_step_and_ignore_the_others():
+    rows = [SimpleNamespace(key="aten::convolution", cpu_time_total=6000.0),
+            SimpleNamespace(key="aten::convolution_backward", cpu_time_total=9000.0),
+            SimpleNamespace(key="aten::native_batch_norm", cpu_time_total=1500.0),
+            SimpleNamespace(key="aten::native_batch_norm_backward", cpu_time_total=3000.0),
+            SimpleNamespace(key="aten::relu_", cpu_time_total=99999.0)]
+    assert network.phase_times_ms(rows, steps=3) == pytest.approx(
+        {"conv_forward": 2.0, "conv_backward": 3.0, "batch_norm": 1.5})
+
+
+def test_flops_by_phase_reads_the_counters_keys_by_operator_name():
+    counts = {torch.ops.aten.convolution: 10, torch.ops.aten.convolution_backward: 25, torch.ops.aten.mm: 7}
+    assert network.flops_by_phase(counts) == {"conv_forward": 10.0, "conv_backward": 25.0}
+
+
+def test_the_script_records_both_sides_on_the_same_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(network, "dense_peak_gflops", lambda dtype: 100.0)
+    out = tmp_path / "results.json"
+    assert network.main(["--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                         "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    result = data["results"]["network_embedded"]
+    ref, ours = result["reference"], result["ours"]
+    assert (ref["precision"], ref["channels_last"]) == ("float32", False)
+    assert (ours["precision"], ours["channels_last"]) == ("bfloat16", True)
+    assert ref["conv_gflop"] == pytest.approx(ours["conv_gflop"])  # same network, same work
+    assert ref["conv_gflop"]["conv_backward"] > ref["conv_gflop"]["conv_forward"]
+    assert (result["rounds"], result["steps"], result["warmup"]) == (1, 1, 0)
+    assert data["machine"]["kind"].startswith("cpu_") and data["machine"]["cpu_model"]
+    assert "dense-kernel peak" in capsys.readouterr().out
+
+
+def test_the_script_rejects_an_empty_batch_by_name(capsys):
+    with pytest.raises(SystemExit):
+        network.main(["--batch-size", "0"])
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- gpu.py
+TINY = dict(gpu.TINY, size=16, source=20, batch=4, warmup=1, steps=1)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One thread, as the stage tests run: tiny ops on a busy machine's OpenMP threads crawl."""
+    monkeypatch.setattr(gpu, "RuntimeConfig", functools.partial(gpu.RuntimeConfig, num_threads=1))
+
+
+def test_largest_fitting_halves_the_batch_until_it_fits_and_gives_up_below_the_minimum(monkeypatch):
+    monkeypatch.setattr(gpu.torch.cuda, "empty_cache", lambda: None)
+    tried = []
+
+    def fits_at_32(batch: int) -> dict:
+        tried.append(batch)
+        if batch > 32:
+            raise torch.OutOfMemoryError(f"batch {batch}")
+        return {"batch": batch}
+
+    assert gpu.largest_fitting(fits_at_32, 128, 8) == {"batch": 32, "oom_at": [128, 64]}
+    assert tried == [128, 64, 32]
+    with pytest.raises(torch.OutOfMemoryError):
+        gpu.largest_fitting(fits_at_32, 128, 100)
+
+
+def test_throughput_times_the_engine_loop_and_the_views_alone(one_thread):
+    out = gpu.throughput(TINY, 4, "cpu", precision="fp32")
+    assert out["views_per_s"] == pytest.approx(2 * out["images_per_s"]) and out["images_per_s"] > 0
+    assert 0 < out["augment_s_per_step"] < 60 and 0 < out["augment_host_enqueue_s"] <= out["augment_s_per_step"]
+    assert out["augment_fraction"] == pytest.approx(out["augment_s_per_step"] / out["s_per_step"])
+
+
+def test_kernel_profile_reports_shares_of_the_profiled_steps(one_thread):
+    shares = gpu.throughput(TINY, 4, "cpu", precision="fp32", profile=True)["top"]
+    values = [share for _, share in shares]
+    assert 0 < len(values) <= 12 and values == sorted(values, reverse=True) and sum(values) <= 1.0001
+    assert any("convolution" in name for name, _ in shares)
