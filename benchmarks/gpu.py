@@ -50,10 +50,13 @@ TINY = {"model": ("r18_0p25x_sk0_cifar", {"width_multiplier": 0.125}), "size": 3
 
 
 class DeviceImages:
-    """A batch source of uint8 images already on the device, drawn at random (the data costs nothing)."""
+    """A batch source of uint8 images already on the device, drawn at random (the data costs
+    nothing): a smooth random colour field plus noise, made on the device in a moment."""
 
     def __init__(self, n: int, size: int, batch: int, device: torch.device):
-        self.pool = torch.from_numpy(common.synthetic_images(n, size)).to(device)
+        coarse = torch.randint(0, 256, (n, 3, 8, 8), generator=torch.Generator().manual_seed(0)).float().to(device)
+        field = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        self.pool = (field + 12.0 * torch.randn_like(field)).clamp_(0, 255).to(torch.uint8)
         self.batch, self.picker = batch, torch.Generator(device=device).manual_seed(1)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -144,10 +147,10 @@ def largest_fitting(fn: Callable[[int], dict], batch: int, minimum: int) -> dict
             return {**fn(batch), "oom_at": tried}
         except torch.OutOfMemoryError:
             tried.append(batch)
-            torch.cuda.empty_cache()
-            if batch // 2 < minimum:
-                raise
-            batch //= 2
+        torch.cuda.empty_cache()  # out of the except block: its traceback held the failed step's tensors
+        if batch // 2 < minimum:
+            raise torch.OutOfMemoryError(f"out of memory at every batch from {tried[0]} down to {batch}")
+        batch //= 2
 
 
 def folder_input(device: str, dry_run: bool) -> dict[str, Any]:
