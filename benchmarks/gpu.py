@@ -199,17 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     r50, r18, least = (TINY, TINY, 2) if args.dry_run else (R50, R18, 16)
     precision16 = "bf16" if args.dry_run else "fp16"
     deadline = time.monotonic() + args.budget
+    results: dict[str, Any] = {}
+
+    def fitted() -> int:  # the largest ResNet-50 batch found to fit
+        return results.get("resnet50_224", {}).get("batch", r50["batch"])
     sections: list[tuple[str, float, float, Callable[[], dict]]] = [  # (name, needs s, at most s, what)
         ("resnet50_224", 40, 120, lambda: largest_fitting(lambda b: throughput(r50, b, device), r50["batch"], least)),
         ("resnet18_cifar", 25, 90, lambda: largest_fitting(lambda b: throughput(r18, b, device), r18["batch"], least)),
         ("folder_224", 30, 90, lambda: folder_input(device, args.dry_run)),
         ("resnet50_224_fp16", 40, 120, lambda: largest_fitting(
-            lambda b: throughput(r50, b, device, precision16), r50["batch"], least)),
-        ("resnet50_224_profile", 30, 60, lambda: throughput(r50, r50["batch"], device, profile=True)),
+            lambda b: throughput(r50, b, device, precision16), fitted(), least)),
+        ("resnet50_224_profile", 30, 60, lambda: throughput(r50, fitted(), device, profile=True)),
         ("resnet50_224_compiled", 100, 200, lambda: largest_fitting(
-            lambda b: throughput(r50, b, device, compile_model=True), r50["batch"], least)),
+            lambda b: throughput(r50, b, device, compile_model=True), fitted(), least)),
     ]
-    results: dict[str, Any] = {}
     for name, needs, cap, fn in sections:
         left = deadline - time.monotonic()
         if args.dry_run and name.endswith("compiled"):
