@@ -1,25 +1,17 @@
 """The network step alone, on the CPU: the ceiling of the end-to-end ratios.
 
-``run.py``'s end-to-end keys time whole training loops. This script times only what is left when
-the data cost nothing: one training step of an e2e model (forward of both views as one batch,
-NT-Xent, backward, SGD) on fixed synthetic views, in the reference's float32 NCHW against our CPU
-default (bf16 autocast + channels-last), alternating in one process. The loss and optimiser are
-the same on both sides (``reference.nt_xent``, ``torch.optim.SGD``), so the ratio is what
-precision and memory layout buy the network. Each step is split by operator (``torch.profiler``):
-convolution forward, convolution backward (input and weight gradients), batch norm (forward and
-backward), the rest. The step's convolution FLOPs are counted, and the best rate of the CPU's
-dense kernels is measured in both precisions, to show how close the convolutions run to it.
+One training step of an e2e model (both views as one batch, NT-Xent, backward, SGD) on fixed
+synthetic views, in the reference's float32 NCHW against our CPU default (bf16 autocast +
+channels-last), alternating in one process, with the same loss (``reference.nt_xent``) and SGD on
+both sides. Each step is split by operator (``torch.profiler``), its convolution FLOPs counted,
+and the CPU's dense-kernel peak measured in both precisions. No end-to-end loop beats its network
+step, so ``run.py``'s ratio for a model is at most about this step's ours over the reference loop.
 
-    python benchmarks/network.py --model embedded --json network.json   # about 1 minute here
-
-An end-to-end loop cannot beat its network step, so ``run.py``'s ratio for a model is at most about
-this script's ``ours`` images/s over the reference loop's end-to-end images/s (about: our loop
-uses LARS and its own NT-Xent, a little more work than SGD and the plain loss here).
+    python benchmarks/network.py --model embedded --json results/cpu_amd_epyc_2core.json  # ~1 min
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import common  # noqa: E402
 import reference  # noqa: E402
-from measure import E2E_MODELS, e2e_overrides  # noqa: E402
+from measure import E2E_MODELS, e2e_config, e2e_model  # noqa: E402
 
 # (precision, memory format) of each side: the reference loop's, and our CPU default.
 SIDES = {"reference": (torch.float32, torch.contiguous_format), "ours": (torch.bfloat16, torch.channels_last)}
@@ -64,14 +57,14 @@ def flops_by_phase(counts: dict[Any, int]) -> dict[str, float]:
 
 
 def _best_gflops(fn: Callable[[], Any], flop: float, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return flop / best / 1e9
+    fn()
+    return flop / min(_seconds(fn) for _ in range(repeats)) / 1e9
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def dense_peak_gflops(dtype: torch.dtype, repeats: int = 8) -> float:
@@ -94,23 +87,17 @@ class NetworkStep(NamedTuple):
 
 def make_step(model_key: str, side: str, batch_size: int) -> NetworkStep:
     """One training step of the ``model_key`` e2e model as ``side`` runs it, on fixed synthetic views."""
-    from simclrv2.config import build
-    from simclrv2.models import build_simclrv2_model
-    from simclrv2.stages.common import model_kwargs
-
     dtype, memory_format = SIDES[side]
-    cfg = build("pretrain", e2e_overrides(model_key))
-    size = E2E_MODELS[model_key]["image_size"]
+    temperature, size = e2e_config(model_key).temperature, E2E_MODELS[model_key]["image_size"]
     torch.manual_seed(0)
-    model = build_simclrv2_model(**model_kwargs(cfg.model, size, None)).to(memory_format=memory_format)
-    model.train()
+    model = e2e_model(model_key).to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     views = torch.rand(2 * batch_size, 3, size, size).contiguous(memory_format=memory_format)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             projection = model(views)[0]
-        loss = reference.nt_xent(projection.float(), cfg.temperature)
+        loss = reference.nt_xent(projection.float(), temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -145,10 +132,7 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(rounds):  # alternating, so that both sides see the same machine
         for side, step in steps_of.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                step()
-                times[side].append(time.perf_counter() - start)
+            times[side] += [_seconds(step) for _ in range(steps)]
     peaks = {"float32": dense_peak_gflops(torch.float32), "bfloat16": dense_peak_gflops(torch.bfloat16)}
     result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": E2E_MODELS[model_key]["image_size"],
                               "rounds": rounds, "steps": steps, "warmup": warmup,
@@ -177,28 +161,17 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
 
 
 def report(result: dict[str, Any]) -> str:
-    """The result as a side-by-side table."""
-    ref, ours = result["reference"], result["ours"]
-    lines = [f"{result['model']}: one training step, batch {result['batch_size']} "
-             f"({2 * result['batch_size']} views of {result['image_size']} px), {result['threads']} threads, "
-             "synthetic views, same loss and SGD on both sides",
-             f"{'':28s}{'reference fp32 NCHW':>24s}{'ours bf16 channels-last':>26s}{'ratio':>9s}",
-             f"{'step (best)':28s}{ref['step_ms_best']:14.0f} ms {ref['images_per_s']:5.0f}/s"
-             f"{ours['step_ms_best']:16.0f} ms {ours['images_per_s']:5.0f}/s{result['ratio']:8.2f}x"]
-    lines.append("under the profiler, per step:")
-    for phase in ("conv_forward", "conv_backward", "batch_norm", "rest", "step"):
-        r, o = ref["profiled_ms"][phase], ours["profiled_ms"][phase]
-        rate = ""
-        if phase in ours["conv_gflops_per_s"]:
-            rate = (f"  ({ours['conv_gflop'][phase]:.1f} GFLOP: {ref['conv_gflops_per_s'][phase]:.0f} and "
-                    f"{ours['conv_gflops_per_s'][phase]:.0f} GFLOP/s)")
-        lines.append(f"  {phase.replace('_', ' '):26s}{r:17.0f} ms{o:23.0f} ms{r / o:8.2f}x{rate}")
-    peaks = result["dense_peak_gflops"]
-    lines += [f"{'dense-kernel peak':28s}{peaks['float32']:13.0f} GFLOP/s{peaks['bfloat16']:17.0f} GFLOP/s"
-              f"{peaks['bfloat16'] / peaks['float32']:8.2f}x",
-              f"convolutions at {ref['conv_fraction_of_peak']:.0%} and {ours['conv_fraction_of_peak']:.0%} of their "
-              f"precision's dense-kernel peak; with every convolution at the peak the steps would make "
-              f"{ref['images_per_s_convs_at_peak']:.0f} and {ours['images_per_s_convs_at_peak']:.0f} images/s"]
+    """The result as a side-by-side table (ms per step; the profiled phases, then the peaks)."""
+    ref, ours, peaks = result["reference"], result["ours"], result["dense_peak_gflops"]
+    rows = [("step (best)", ref["step_ms_best"], ours["step_ms_best"])]
+    rows += [(phase.replace("_", " "), ref["profiled_ms"][phase], ours["profiled_ms"][phase])
+             for phase in ("conv_forward", "conv_backward", "batch_norm", "rest", "step")]
+    lines = [f"{result['model']}, batch {result['batch_size']}, {result['threads']} threads: reference fp32 NCHW, "
+             f"ours bf16 channels-last ({result['ratio']:.2f}x images/s)"]
+    lines += [f"  {name:16s}{r:9.0f} ms{o:9.0f} ms{r / o:7.2f}x" for name, r, o in rows]
+    lines.append(f"dense-kernel peak {peaks['float32']:.0f} / {peaks['bfloat16']:.0f} GFLOP/s; convolutions at "
+                 f"{ref['conv_fraction_of_peak']:.0%} / {ours['conv_fraction_of_peak']:.0%} of it; all at the peak: "
+                 f"{ref['images_per_s_convs_at_peak']:.0f} / {ours['images_per_s_convs_at_peak']:.0f} images/s")
     return "\n".join(lines)
 
 
@@ -209,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of timed steps per side")
     parser.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
-    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--json", type=Path, help="the results file to merge the figures into (key network_MODEL)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
@@ -218,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model, args.batch_size, args.rounds, args.steps, args.warmup)
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        common.record(args.json, common.machine(), {f"network_{args.model}": result})
     return 0
 
 
