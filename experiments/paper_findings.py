@@ -362,6 +362,20 @@ FINDINGS: dict[int, tuple[str, str, str, Callable[[Study], Callable[[], dict[str
 # ----------------------------------------------------------------------------- data
 
 
+def claim_study(out: Path, settings: dict[str, Any]) -> None:
+    """Record the settings that shape every label file in ``out/study.json``; refuse a rerun with
+    others (the commands compare the label file's path, not its contents)."""
+    path = out / "study.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        if changed:
+            raise SystemExit(f"paper_findings: error: {out} was run with {', '.join(f'{k}={saved.get(k)}' for k in changed)}; "
+                             "rerun with the same settings or choose another --out")
+        return
+    write_atomic(path, json.dumps(settings) + "\n")
+
+
 def write_label_files(study: Study) -> None:
     """The held-out validation ids and, per label amount and seed, the training ids with labels."""
     train = training_split(study.data_dir)
@@ -504,7 +518,7 @@ class Runner:
             write_atomic(self.out / "validation" / f"{task.folder}.json",
                          json.dumps({"top1": validation_top1(self.out / task.folder, images, labels),
                                      "num_examples": len(labels)}) + "\n")
-        write_atomic(self.record(task), json.dumps({"command": shlex.join(argv[1:]),
+        write_atomic(self.record(task), json.dumps({"command": "python " + shlex.join(argv[1:]),
                                                     "seconds": round(time.perf_counter() - start, 1)}) + "\n")
         return None
 
@@ -638,6 +652,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     amounts = select_amounts(preset_amounts(), args.amounts, args.quick)
     study = Study(args.out.resolve(), args.seeds, amounts, args.quick, args.val_per_class)
     collectors = {k: FINDINGS[k][3](study) for k in args.findings}
+    claim_study(study.out, {"quick": args.quick, "val_per_class": args.val_per_class})
     if study.data_dir is not None:
         write_quick_data(study.data_dir)
     write_label_files(study)

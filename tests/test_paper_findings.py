@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,13 @@ def test_runs_are_ordered_after_what_they_need() -> None:
     assert [[t.folder for t in group] for group in pf.levels(tasks)] == [["a"], ["b", "d"], ["c"]]
 
 
+def test_a_study_folder_refuses_other_label_settings(tmp_path: Path) -> None:
+    pf.claim_study(tmp_path, {"quick": False, "val_per_class": 500})
+    pf.claim_study(tmp_path, {"quick": False, "val_per_class": 500})  # the same: resumes
+    with pytest.raises(SystemExit, match="val_per_class=500; rerun with the same settings"):
+        pf.claim_study(tmp_path, {"quick": False, "val_per_class": 100})
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -100,5 +108,5 @@ def test_quick_study_writes_results_and_resumes(tmp_path: Path) -> None:
     start = time.perf_counter()
     again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     assert time.perf_counter() - start < 60
-    assert "running 0" in again.stdout and "running 1" not in again.stdout
+    assert set(re.findall(r"running (\d+)", again.stdout)) == {"0"}  # every run was skipped
     assert json.loads((out / "results.json").read_text())["findings"] == results["findings"]
