@@ -276,7 +276,7 @@ def test_a_label_file_of_relative_paths_selects_the_labelled_subset(tmp_path):
     """The semi-supervised setting on a user's folder: all of train/ unlabelled for pretraining,
     the images a label file lists (paths relative to train/) for fine-tuning."""
     from simclrv2.config import DataConfig, LabelConfig
-    from simclrv2.stages import common as C
+    from simclrv2.data import splits as C
 
     for c in range(2):
         for i in range(4):

@@ -13,7 +13,7 @@ from PIL import Image
 from simclrv2.config import ConfigError, DataConfig, LabelConfig
 from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
 from simclrv2.data.subsets import read_subset_file
-from simclrv2.stages import common as C
+from simclrv2.data import splits as C
 
 
 def _image(path: Path, value: int = 0) -> None:
