@@ -19,7 +19,7 @@ import torch
 
 import simclrv2
 from simclrv2 import cli
-from simclrv2.engine.checkpoint import CheckpointError, model_record, save_checkpoint
+from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
 from simclrv2.hub import is_export_folder, parse_reference
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def _finetune_run(root: Path) -> tuple[Path, torch.nn.Module]:
                              else 0.2 * torch.randn(tensor.shape, generator=generator))
     model.mode = "finetune"
     run = root / "finetune"
-    save_checkpoint(run, {"stage": "finetune", "model": model.state_dict(), **model_record(model),
-                          "image_size": 28, "classes": CLASSES}, step=4, keep=1)
+    save_checkpoint(run, {"stage": "finetune", "model": model.state_dict(), "model_spec": asdict(model.spec),
+                          "mode": model.mode, "image_size": 28, "classes": CLASSES}, step=4, keep=1)
     (run / "config.json").write_text(json.dumps({"data": {"dataset": "embedded", "eval_split": "test"}}))
     (run / "eval.json").write_text(json.dumps({"top1": 73.04, "top5": 97.91, "num_examples": 10000,
                                                "num_labelled": 100, "labels": "10 per class"}))

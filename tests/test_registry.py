@@ -12,7 +12,7 @@ import torch
 
 import simclrv2
 from simclrv2.config import PRESETS, ConfigError
-from simclrv2.engine.checkpoint import CheckpointError, model_record, save_checkpoint
+from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
 from simclrv2.export import save_safetensors
 from simclrv2.models import build_simclrv2_model, count_parameters
 
@@ -83,8 +83,8 @@ def test_overrides_change_a_fresh_model():
 
 def _tiny_run(tmp_path: Path, **overrides) -> tuple[Path, torch.nn.Module]:
     model = simclrv2.create_model("r18_0p25x_sk0_cifar", **overrides)
-    save_checkpoint(tmp_path / "run", {"stage": "pretrain", "model": model.state_dict(), **model_record(model),
-                                       "image_size": 28}, step=1, keep=1)
+    save_checkpoint(tmp_path / "run", {"stage": "pretrain", "model": model.state_dict(), "model_spec": asdict(model.spec),
+                                       "mode": model.mode, "image_size": 28}, step=1, keep=1)
     return tmp_path / "run", model.eval()
 
 

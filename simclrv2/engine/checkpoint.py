@@ -350,11 +350,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the model a checkpoint holds
 
 
-def model_record(model: SimCLRv2Model) -> dict[str, Any]:
-    """The checkpoint entries that rebuild ``model``'s architecture and mode."""
-    return {"model_spec": asdict(model.spec), "mode": model.mode}
-
-
 def checkpoint_meta(spec: ModelSpec, mode: str, cfg: Any, image_size: int, classes: Optional[list]) -> dict[str, Any]:
     """What a stage's checkpoints record to rebuild its model and know its data."""
     return {"model_spec": asdict(spec), "mode": mode, "config": to_dict(cfg), "image_size": image_size,

@@ -29,8 +29,7 @@ from simclrv2.config import RuntimeConfig, save_config
 from simclrv2.data.loader import worker_died
 from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteState, atomic_write, capture_rng,
                                         latest_checkpoint_of_all_ranks, read_model_record, remove_stale_temp_files,
-                                        restore_rng,
-                                        save_checkpoint, step_checkpoints)
+                                        restore_rng, save_checkpoint, step_checkpoints)
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 

@@ -129,7 +129,7 @@ class SimCLRv2Model(nn.Module):
         return projection, logits
 
 
-def build_simclrv2_model(zero_init_logits: bool = False, **spec: object) -> SimCLRv2Model:
+def build_simclrv2_model(*, zero_init_logits: bool = False, **spec: object) -> SimCLRv2Model:
     """``SimCLRv2Model.from_spec(ModelSpec(**spec))``: the model by its :class:`ModelSpec` fields."""
     return SimCLRv2Model.from_spec(ModelSpec(**spec), zero_init_logits)
 

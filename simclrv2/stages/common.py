@@ -67,7 +67,8 @@ def augment_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1000 + rank)
 
 
-def load_input(checkpoint: str, num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any], dict[str, Any]]:
+def load_input(checkpoint: str,
+               num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any], dict[str, Any]]:
     """:func:`~simclrv2.engine.checkpoint.load_model` of a run's input checkpoint, with the
     identity of the file it resolved to (path, step, SHA-256), which the run records and compares
     on resume."""

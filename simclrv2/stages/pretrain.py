@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simclrv2.config import PretrainConfig, check_range, validate_model, validate_selector, validate_training, validate_world
+from simclrv2.config import (PretrainConfig, check_range, validate_model, validate_selector, validate_training,
+                             validate_world)
 from simclrv2.data import batches as B
 from simclrv2.data.splits import load_split, take_subset
 from simclrv2.distributed import all_gather_nograd
