@@ -36,7 +36,7 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Encoder and projection head (paper section 2, Table 1; official ``resnet.py``/``model.py``)."""
 
@@ -57,7 +57,7 @@ class ModelConfig:
         return ModelSpec(**{**dataclasses.asdict(self), "cifar_stem": cifar_stem, "num_classes": num_classes})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are augmented (official ``data.py``/``data_util.py``)."""
 
@@ -75,7 +75,7 @@ class DataConfig:
     eval_batch_size: int = _opt(256, "Batch size for evaluation.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (official ``build_optimizer``, ``WarmUpAndCosineDecay``)."""
 
@@ -90,7 +90,7 @@ class OptimConfig:
     train_steps: int = _opt(0, "Steps to train for; overrides --train-epochs when > 0.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Devices, precision, run directory, checkpoints and logging."""
 
@@ -113,7 +113,7 @@ class RuntimeConfig:
     progress: bool = _opt(True, "Show a progress bar.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelConfig:
     """Which labelled examples fine-tuning and linear evaluation may use (paper section 3); give
     only one of the three options."""
@@ -123,7 +123,7 @@ class LabelConfig:
     label_file: Optional[str] = _opt(None, "File of image ids to use as labels, official ImageNet 1percent.txt format (instead of --label-fraction).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageConfig:
     """What every stage's config carries besides its options: the dotted names of the options the
     user set (file or flags), e.g. ``model.resnet_depth``, filled in once by :func:`resolve`."""
@@ -131,7 +131,7 @@ class StageConfig:
     explicit: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig(StageConfig):
     """Stage 1: task-agnostic contrastive pretraining (paper section 2, Figure 3 left)."""
 
@@ -147,7 +147,7 @@ class PretrainConfig(StageConfig):
     memory_momentum: float = _opt(0.999, "EMA decay of the momentum encoder.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig(StageConfig):
     """Stage 2: supervised fine-tuning on few labels from a middle head layer (paper section 2)."""
 
@@ -163,7 +163,7 @@ class FinetuneConfig(StageConfig):
     zero_init_logits_layer: bool = _opt(True, "Start the classifier from zero weights (official fine-tuning setting).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudentConfig:
     """Student architecture for distillation; every unset option copies the teacher (self-distillation)."""
 
@@ -174,7 +174,7 @@ class StudentConfig:
     ft_proj_selector: Optional[int] = _opt(None, "Student head layer under the classifier (default: the teacher's).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig(StageConfig):
     """Stage 3: distillation with unlabeled data (paper section 2, equations 2-3)."""
 
@@ -189,7 +189,7 @@ class DistillConfig(StageConfig):
     distill_alpha: float = _opt(1.0, "Weight of the distillation loss; 1 - alpha goes to the labelled cross-entropy (paper default: 1).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearEvalConfig(StageConfig):
     """Linear evaluation: a linear classifier on frozen features (official README)."""
 
@@ -203,7 +203,7 @@ class LinearEvalConfig(StageConfig):
     ft_proj_selector: int = _opt(0, "Features to evaluate: 0 = encoder output, k = after head layer k.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig(StageConfig):
     """Top-1 / top-5 accuracy of a checkpoint on a labelled split."""
 
@@ -212,7 +212,7 @@ class EvaluateConfig(StageConfig):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineConfig(StageConfig):
     """Pretrain -> fine-tune -> distill, a supervised baseline, and a report (paper Figure 3)."""
 
@@ -341,8 +341,9 @@ def _is_config(tp: Any) -> bool:
 
 
 def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
-    """Apply nested ``overrides`` to the dataclass ``cfg`` in place; unknown keys are errors."""
+    """A copy of the dataclass ``cfg`` with nested ``overrides`` applied; unknown keys are errors."""
     types = {f.name: _field_types(type(cfg))[f.name] for f in _options(type(cfg))}
+    changes = {}
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in types:
@@ -350,10 +351,10 @@ def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
         if _is_config(types[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: expected a section (mapping), got {value!r}")
-            merge(getattr(cfg, name), value, f"{where}{key}.")
+            changes[name] = merge(changes.get(name, getattr(cfg, name)), value, f"{where}{key}.")
         else:
-            setattr(cfg, name, _coerce(value, types[name], flag_name(f"{where}{key}")))
-    return cfg
+            changes[name] = _coerce(value, types[name], flag_name(f"{where}{key}"))
+    return dataclasses.replace(cfg, **changes)
 
 
 def flag_name(dotted: str) -> str:
@@ -574,17 +575,18 @@ def check_labels(labels: LabelConfig) -> None:
 
 
 def _finish(cfg: Any, *user_values: dict[str, Any]) -> Any:
+    """``cfg`` with the user's values (file, then flags) and the names of the options they set."""
     for values in user_values:
-        merge(cfg, values)
-    cfg.explicit = frozenset().union(*(_dotted_keys(v) for v in user_values))
+        cfg = merge(cfg, values)
+    cfg = dataclasses.replace(cfg, explicit=frozenset().union(*(_dotted_keys(v) for v in user_values)))
     labels = getattr(cfg, "labels", None)
     if isinstance(labels, LabelConfig):
         # A label option the user sets replaces the stage's default one (fine-tuning's 1 %).
         chosen = {name for name in LABEL_OPTIONS
                   if f"labels.{name}" in cfg.explicit and getattr(labels, name) not in (None, "")}
         if chosen:
-            for name in set(LABEL_OPTIONS) - chosen:
-                setattr(labels, name, None)
+            labels = dataclasses.replace(labels, **{name: None for name in set(LABEL_OPTIONS) - chosen})
+            cfg = dataclasses.replace(cfg, labels=labels)
         check_labels(labels)
     return cfg
 
@@ -593,7 +595,7 @@ def resolve(stage: str, args: argparse.Namespace) -> Any:
     """Build a stage's config: defaults, then preset, then ``--config`` file, then flags."""
     cfg = STAGE_CONFIGS[stage]()
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
+    cfg = merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
     return _finish(cfg, file_values, _flag_overrides(args))
 
 
@@ -602,7 +604,7 @@ def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = 
     cfg = STAGE_CONFIGS[stage]()
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset", DataConfig().dataset)
-    merge(cfg, preset_overrides(preset, stage, dataset))
+    cfg = merge(cfg, preset_overrides(preset, stage, dataset))
     return _finish(cfg, overrides)
 
 
