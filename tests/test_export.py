@@ -33,8 +33,8 @@ from simclrv2.export import (
     torchvision_resnet,
     torchvision_state_dict,
 )
-from simclrv2.models import build_simclrv2_model
 from simclrv2.convert.official_keys import official_state_dict
+from simclrv2.models import ModelSpec, build_simclrv2_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +152,19 @@ def test_safetensors_round_trip_for_a_selective_kernel_model(tmp_path):
     x = torch.rand(2, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(simclrv2.load(path).predict(x), model.predict(x), rtol=0, atol=0)
+
+
+def test_safetensors_of_an_earlier_version_load(tmp_path):
+    """Before format 3 the metadata held the builder's arguments of then (``depth``) and the mode."""
+    from safetensors.torch import save_file
+
+    model = build_simclrv2_model(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_classes=3).eval()
+    config = {**asdict(model.spec), "mode": "finetune"}
+    config["depth"] = config.pop("resnet_depth")
+    save_file(model.state_dict(), tmp_path / "old.safetensors",
+              metadata={"simclrv2_model_config": json.dumps(config), "format": "simclrv2"})
+    back = load_safetensors(tmp_path / "old.safetensors")
+    assert back.spec == ModelSpec(18, 0.125, 0.0, True, 3, 128, 1, 3) and back.mode == "finetune"
 
 
 @pytest.mark.parametrize("kwargs, size", [
