@@ -52,7 +52,7 @@ def load_with_classes(path: str | Path, ft_proj_selector: Optional[int] = None) 
         return read_safetensors(path)
     if hub.is_model_folder(path):
         return hub.load_folder(path)
-    from simclrv2.stages.common import load_model
+    from simclrv2.engine.checkpoint import load_model
 
     model, ckpt = load_model(str(path))
     model.image_size = ckpt.get("image_size")

@@ -14,6 +14,7 @@ The resolved configuration is saved as ``config.json`` beside every run's output
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -35,7 +36,7 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Encoder and projection head (paper section 2, Table 1; official ``resnet.py``/``model.py``)."""
 
@@ -47,8 +48,16 @@ class ModelConfig:
     proj_out_dim: int = _opt(128, "Projection output dimension.")
     ft_proj_selector: int = _opt(1, "Head layer that fine-tuning starts from: 0 = encoder output, 1 = after the first head layer (paper), -1 = last.")
 
+    def spec(self, image_size: int, num_classes: Optional[int]):
+        """The :class:`~simclrv2.models.ModelSpec` these options build for ``image_size`` px images
+        and ``num_classes`` classes (CIFAR stem at <= 32 px unless set)."""
+        from simclrv2.models import ModelSpec
 
-@dataclass
+        cifar_stem = image_size <= 32 if self.cifar_stem is None else self.cifar_stem
+        return ModelSpec(**{**dataclasses.asdict(self), "cifar_stem": cifar_stem, "num_classes": num_classes})
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are augmented (official ``data.py``/``data_util.py``)."""
 
@@ -66,7 +75,7 @@ class DataConfig:
     eval_batch_size: int = _opt(256, "Batch size for evaluation.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (official ``build_optimizer``, ``WarmUpAndCosineDecay``)."""
 
@@ -81,7 +90,7 @@ class OptimConfig:
     train_steps: int = _opt(0, "Steps to train for; overrides --train-epochs when > 0.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Devices, precision, run directory, checkpoints and logging."""
 
@@ -104,7 +113,7 @@ class RuntimeConfig:
     progress: bool = _opt(True, "Show a progress bar.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelConfig:
     """Which labelled examples fine-tuning and linear evaluation may use (paper section 3); give
     only one of the three options."""
@@ -114,8 +123,16 @@ class LabelConfig:
     label_file: Optional[str] = _opt(None, "File of image ids to use as labels, official ImageNet 1percent.txt format (instead of --label-fraction).")
 
 
-@dataclass
-class PretrainConfig:
+@dataclass(frozen=True)
+class StageConfig:
+    """What every stage's config carries besides its options: the dotted names of the options the
+    user set (file or flags), e.g. ``model.resnet_depth``, filled in once by :func:`resolve`."""
+
+    explicit: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
+
+
+@dataclass(frozen=True)
+class PretrainConfig(StageConfig):
     """Stage 1: task-agnostic contrastive pretraining (paper section 2, Figure 3 left)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -130,8 +147,8 @@ class PretrainConfig:
     memory_momentum: float = _opt(0.999, "EMA decay of the momentum encoder.")
 
 
-@dataclass
-class FinetuneConfig:
+@dataclass(frozen=True)
+class FinetuneConfig(StageConfig):
     """Stage 2: supervised fine-tuning on few labels from a middle head layer (paper section 2)."""
 
     checkpoint: Optional[str] = _opt(None, "Pretrained checkpoint (a .pt file or a run folder); none trains the --resnet-depth/... model from scratch (supervised baseline).")
@@ -146,7 +163,7 @@ class FinetuneConfig:
     zero_init_logits_layer: bool = _opt(True, "Start the classifier from zero weights (official fine-tuning setting).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudentConfig:
     """Student architecture for distillation; every unset option copies the teacher (self-distillation)."""
 
@@ -157,8 +174,8 @@ class StudentConfig:
     ft_proj_selector: Optional[int] = _opt(None, "Student head layer under the classifier (default: the teacher's).")
 
 
-@dataclass
-class DistillConfig:
+@dataclass(frozen=True)
+class DistillConfig(StageConfig):
     """Stage 3: distillation with unlabeled data (paper section 2, equations 2-3)."""
 
     checkpoint: Optional[str] = _opt(None, "Fine-tuned teacher checkpoint (a .pt file or a run folder).")
@@ -172,8 +189,8 @@ class DistillConfig:
     distill_alpha: float = _opt(1.0, "Weight of the distillation loss; 1 - alpha goes to the labelled cross-entropy (paper default: 1).")
 
 
-@dataclass
-class LinearEvalConfig:
+@dataclass(frozen=True)
+class LinearEvalConfig(StageConfig):
     """Linear evaluation: a linear classifier on frozen features (official README)."""
 
     checkpoint: Optional[str] = _opt(None, "Checkpoint whose encoder is evaluated (a .pt file or a run folder).")
@@ -186,8 +203,8 @@ class LinearEvalConfig:
     ft_proj_selector: int = _opt(0, "Features to evaluate: 0 = encoder output, k = after head layer k.")
 
 
-@dataclass
-class EvaluateConfig:
+@dataclass(frozen=True)
+class EvaluateConfig(StageConfig):
     """Top-1 / top-5 accuracy of a checkpoint on a labelled split."""
 
     checkpoint: Optional[str] = _opt(None, "Checkpoint to evaluate (a .pt file or a run folder).")
@@ -195,8 +212,8 @@ class EvaluateConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-@dataclass
-class PipelineConfig:
+@dataclass(frozen=True)
+class PipelineConfig(StageConfig):
     """Pretrain -> fine-tune -> distill, a supervised baseline, and a report (paper Figure 3)."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -305,8 +322,14 @@ def preset_overrides(preset: str, stage: str, dataset: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """Nested plain dict of a config dataclass: its options, as ``config.json`` holds them."""
+    return {f.name: to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            for f in _options(type(cfg)) for value in [getattr(cfg, f.name)]}
+
+
+def _options(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class that are options (not what resolving records)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -318,8 +341,9 @@ def _is_config(tp: Any) -> bool:
 
 
 def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
-    """Apply nested ``overrides`` to the dataclass ``cfg`` in place; unknown keys are errors."""
-    types = _field_types(type(cfg))
+    """A copy of the dataclass ``cfg`` with nested ``overrides`` applied; unknown keys are errors."""
+    types = {f.name: _field_types(type(cfg))[f.name] for f in _options(type(cfg))}
+    changes = {}
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in types:
@@ -327,10 +351,10 @@ def merge(cfg: Any, overrides: dict[str, Any], where: str = "") -> Any:
         if _is_config(types[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: expected a section (mapping), got {value!r}")
-            merge(getattr(cfg, name), value, f"{where}{key}.")
+            changes[name] = merge(changes.get(name, getattr(cfg, name)), value, f"{where}{key}.")
         else:
-            setattr(cfg, name, _coerce(value, types[name], flag_name(f"{where}{key}")))
-    return cfg
+            changes[name] = _coerce(value, types[name], flag_name(f"{where}{key}"))
+    return dataclasses.replace(cfg, **changes)
 
 
 def flag_name(dotted: str) -> str:
@@ -425,7 +449,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 def _walk_flags(cfg: Any, prefix: str = "", path: tuple[str, ...] = ()):
     """Yield ``(flag, path, type, value, help)`` for every leaf option of a config instance."""
     cls = type(cfg)
-    for f in dataclasses.fields(cls):
+    for f in _options(cls):
         tp = _field_types(cls)[f.name]
         if prefix and (f.name in PIPELINE_DERIVED or (cls is FinetuneConfig and f.name == "model")):
             continue
@@ -518,9 +542,20 @@ def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
-def explicit_options(cfg: Any) -> frozenset[str]:
-    """Dotted names of the options the user set (file or flags), e.g. ``model.resnet_depth``."""
-    return getattr(cfg, "_explicit", frozenset())
+ARCHITECTURE = ("resnet_depth", "width_multiplier", "sk_ratio", "cifar_stem", "num_proj_layers", "proj_out_dim")
+
+
+def adopt_architecture(cfg: Any, spec: Any, checkpoint: str) -> Any:
+    """``cfg`` with its model section set to the architecture of the checkpoint it starts from
+    (a :class:`~simclrv2.models.ModelSpec`), so that the saved config describes the network
+    trained; an architecture option the user set that disagrees with the checkpoint is an error."""
+    for option in ARCHITECTURE:
+        wanted, recorded = getattr(cfg.model, option), getattr(spec, option)
+        if f"model.{option}" in cfg.explicit and wanted != recorded:
+            flag = option.replace("_", "-")
+            raise ConfigError(f"--{flag} {wanted} differs from the checkpoint {checkpoint} "
+                              f"({flag} {recorded}); drop the flag or pass a matching --checkpoint")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: getattr(spec, k) for k in ARCHITECTURE}))
 
 
 LABEL_OPTIONS = ("label_fraction", "labels_per_class", "label_file")
@@ -540,17 +575,18 @@ def check_labels(labels: LabelConfig) -> None:
 
 
 def _finish(cfg: Any, *user_values: dict[str, Any]) -> Any:
+    """``cfg`` with the user's values (file, then flags) and the names of the options they set."""
     for values in user_values:
-        merge(cfg, values)
-    cfg._explicit = frozenset().union(*(_dotted_keys(v) for v in user_values))
+        cfg = merge(cfg, values)
+    cfg = dataclasses.replace(cfg, explicit=frozenset().union(*(_dotted_keys(v) for v in user_values)))
     labels = getattr(cfg, "labels", None)
     if isinstance(labels, LabelConfig):
         # A label option the user sets replaces the stage's default one (fine-tuning's 1 %).
         chosen = {name for name in LABEL_OPTIONS
-                  if f"labels.{name}" in cfg._explicit and getattr(labels, name) not in (None, "")}
+                  if f"labels.{name}" in cfg.explicit and getattr(labels, name) not in (None, "")}
         if chosen:
-            for name in set(LABEL_OPTIONS) - chosen:
-                setattr(labels, name, None)
+            labels = dataclasses.replace(labels, **{name: None for name in set(LABEL_OPTIONS) - chosen})
+            cfg = dataclasses.replace(cfg, labels=labels)
         check_labels(labels)
     return cfg
 
@@ -559,7 +595,7 @@ def resolve(stage: str, args: argparse.Namespace) -> Any:
     """Build a stage's config: defaults, then preset, then ``--config`` file, then flags."""
     cfg = STAGE_CONFIGS[stage]()
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
+    cfg = merge(cfg, preset_overrides(getattr(args, "preset", "auto"), stage, _flagged_dataset(args, file_values)))
     return _finish(cfg, file_values, _flag_overrides(args))
 
 
@@ -568,8 +604,126 @@ def build(stage: str, overrides: Optional[dict[str, Any]] = None, preset: str = 
     cfg = STAGE_CONFIGS[stage]()
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset", DataConfig().dataset)
-    merge(cfg, preset_overrides(preset, stage, dataset))
+    cfg = merge(cfg, preset_overrides(preset, stage, dataset))
     return _finish(cfg, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every numeric option is checked before any work starts, one line naming its flag.
+# --------------------------------------------------------------------------------------------
+#
+# Each test states what a valid value satisfies, so that NaN, which fails every comparison, fails it;
+# ``prefix`` names a pipeline stage's flags (``--pretrain.temperature``).
+
+
+def check_range(flag: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite number in the interval from ``low`` to ``high``."""
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (finite and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)):
+        raise ConfigError(f"{flag} must be {_interval(low, high, low_open, high_open)}, got {value}")
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    if high == math.inf:
+        return "positive" if low == 0 and low_open else f">= {text(low)}"
+    return f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
+
+
+def check_choice(flag: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_optim(optim: OptimConfig, prefix: str = "") -> None:
+    flag = f"--{prefix}"
+    check_range(f"{flag}train-batch-size", optim.train_batch_size, 1)
+    check_range(f"{flag}learning-rate", optim.learning_rate, 0, low_open=True)
+    check_choice(f"{flag}learning-rate-scaling", optim.learning_rate_scaling, ("linear", "sqrt"))
+    check_choice(f"{flag}optimizer", optim.optimizer, ("lars", "momentum", "adam"))
+    check_range(f"{flag}train-epochs", optim.train_epochs, 0)
+    check_range(f"{flag}train-steps", optim.train_steps, 0)
+    if optim.train_epochs == 0 and optim.train_steps == 0:
+        raise ConfigError(f"{flag}train-epochs or {flag}train-steps must be positive")
+    check_range(f"{flag}warmup-epochs", optim.warmup_epochs, 0)
+    check_range(f"{flag}weight-decay", optim.weight_decay, 0)
+    check_range(f"{flag}momentum", optim.momentum, 0, 1, high_open=True)
+
+
+def validate_runtime(runtime: RuntimeConfig) -> None:
+    check_choice("--on-nonfinite", runtime.on_nonfinite, ("stop", "skip"))
+    check_range("--seed", runtime.seed, 0, 2**32, high_open=True)  # NumPy's seed range
+    check_range("--checkpoint-steps", runtime.checkpoint_steps, 1)
+    check_range("--keep-checkpoint-max", runtime.keep_checkpoint_max, 1)
+    check_range("--log-every-steps", runtime.log_every_steps, 1)
+    if runtime.max_steps is not None:
+        check_range("--max-steps", runtime.max_steps, 1)
+    if runtime.num_threads is not None:
+        check_range("--num-threads", runtime.num_threads, 1)
+
+
+def validate_data(data: DataConfig) -> None:
+    from simclrv2.data.batches import AUGMENTATIONS
+
+    check_choice("--augmentation", data.augmentation, AUGMENTATIONS)
+    for flag, value in (("--image-size", data.image_size), ("--subset", data.subset)):
+        if value is not None:
+            check_range(flag, value, 1)
+    check_range("--color-jitter-strength", data.color_jitter_strength, 0)
+    if data.num_workers is not None:
+        check_range("--num-workers", data.num_workers, 0)
+    check_range("--eval-batch-size", data.eval_batch_size, 1)
+
+
+def validate_world(optim: OptimConfig, rt: Any) -> None:
+    """The global batch must split evenly over the processes (``rt``: the stage's ``Runtime``)."""
+    if optim.train_batch_size < rt.world_size:
+        raise ConfigError(f"--train-batch-size {optim.train_batch_size} is smaller than the "
+                          f"{rt.world_size} processes; give each process at least one image")
+    if optim.train_batch_size % rt.world_size:
+        raise ConfigError(f"--train-batch-size {optim.train_batch_size} must be divisible by the "
+                          f"{rt.world_size} processes")
+
+
+def validate_training(cfg: Any, prefix: str = "") -> None:
+    """The sections every training stage has: data, optimiser, runtime and labels."""
+    validate_data(cfg.data)
+    validate_optim(cfg.optim, prefix)
+    validate_runtime(cfg.runtime)
+    if hasattr(cfg, "labels"):
+        check_labels(cfg.labels)
+
+
+def validate_architecture(prefix: str, resnet_depth: Optional[int], width_multiplier: Optional[float],
+                          sk_ratio: Optional[float], num_proj_layers: Optional[int],
+                          proj_out_dim: Optional[int] = None) -> None:
+    """Architecture options (unset ones, None, are a student's copies of its teacher's)."""
+    from simclrv2.models import RESNET_SPECS
+
+    flag = f"--{prefix}"
+    if resnet_depth is not None and resnet_depth not in RESNET_SPECS:
+        raise ConfigError(f"{flag}resnet-depth {resnet_depth} is not supported; choose one of {sorted(RESNET_SPECS)}")
+    if width_multiplier is not None:
+        check_range(f"{flag}width-multiplier", width_multiplier, 1 / 64)  # one stem channel
+    if sk_ratio is not None:
+        check_range(f"{flag}sk-ratio", sk_ratio, 0)
+    if num_proj_layers is not None:
+        check_range(f"{flag}num-proj-layers", num_proj_layers, 0)
+    if proj_out_dim is not None:
+        check_range(f"{flag}proj-out-dim", proj_out_dim, 1)
+
+
+def validate_model(model: ModelConfig, prefix: str = "") -> None:
+    validate_architecture(prefix, model.resnet_depth, model.width_multiplier, model.sk_ratio, model.num_proj_layers,
+                          model.proj_out_dim)
+
+
+def validate_selector(selector: int, num_proj_layers: int, flag: str = "--ft-proj-selector") -> None:
+    if not -1 <= selector <= num_proj_layers:
+        raise ConfigError(f"{flag} {selector} is outside the head: use -1 or 0..{num_proj_layers} "
+                          f"(the head has --num-proj-layers {num_proj_layers})")
 
 
 def save_config(cfg: Any, run_dir: Path) -> Path:

@@ -29,18 +29,20 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from simclrv2.engine.checkpoint import CheckpointError, atomic_save, atomic_write
-from simclrv2.models import SimCLRv2Model, build_simclrv2_model
+from simclrv2.engine.checkpoint import CheckpointError, atomic_save, atomic_write, read_format2_model_config
+from simclrv2.models import ModelSpec, SimCLRv2Model
 from simclrv2.models.resnet import MaxPool2dSame
 
 FORMATS = ("torchvision", "safetensors", "onnx", "hf")
-SAFETENSORS_CONFIG_KEY = "simclrv2_model_config"
+SAFETENSORS_SPEC_KEY = "simclrv2_model_spec"
+SAFETENSORS_FORMAT2_KEY = "simclrv2_model_config"  # before format 3: spec and mode in one builder-argument dict
 ONNX_OPSET = 17
 ONNX_MAX_BYTES = 2**31 - 2**24  # one protobuf message holds < 2 GiB; leave room for the graph itself
 _TORCHVISION_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
@@ -50,18 +52,6 @@ _TORCHVISION_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34,
 
 class ExportError(ValueError):
     """The model cannot be exported in the requested format."""
-
-
-def model_config_of(model: SimCLRv2Model) -> Dict[str, Any]:
-    """``build_simclrv2_model`` kwargs (plus ``mode``) that rebuild ``model``'s architecture."""
-    encoder, head = model.encoder, model.projection_head
-    if encoder.depth is None:
-        raise ExportError("the encoder was not built by build_resnet (unknown depth); cannot describe it")
-    return {"depth": encoder.depth, "width_multiplier": encoder.width_multiplier, "sk_ratio": encoder.sk_ratio,
-            "cifar_stem": encoder.cifar_stem, "num_proj_layers": head.num_layers, "proj_out_dim": head.out_dim,
-            "ft_proj_selector": head.ft_proj_selector,
-            "num_classes": None if model.supervised_head is None else model.supervised_head.linear.out_features,
-            "mode": model.mode}
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -132,12 +122,12 @@ def torchvision_resnet(state: Mapping[str, torch.Tensor], tf_same_pool: bool = F
 
 
 def safetensors_bytes(model: SimCLRv2Model, classes: Optional[list] = None) -> bytes:
-    """The model's state dict as safetensors, with ``model_config_of(model)``, the image size and
-    the class names as JSON metadata."""
+    """The model's state dict as safetensors, with its spec, mode, image size and class names as
+    metadata."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(model_config_of(model)), "format": "simclrv2"}
+    metadata = {SAFETENSORS_SPEC_KEY: json.dumps(asdict(model.spec)), "mode": model.mode, "format": "simclrv2"}
     if model.image_size is not None:
         metadata["image_size"] = str(model.image_size)
     if classes:
@@ -151,14 +141,12 @@ def save_safetensors(model: SimCLRv2Model, path: str | Path, classes: Optional[l
     atomic_write(Path(path), lambda handle: handle.write(data))
 
 
-def model_from_config(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], image_size: Optional[int],
-                      source: str) -> SimCLRv2Model:
-    """The model ``config`` (``model_config_of``'s form) describes, holding ``state``."""
-    config = dict(config)
-    mode = config.pop("mode", "pretrain")
+def model_from_spec(spec: ModelSpec, mode: str, state: Mapping[str, torch.Tensor], image_size: Optional[int],
+                    source: str) -> SimCLRv2Model:
+    """The model ``spec`` describes, in ``mode``, holding ``state``."""
     try:
         with torch.device("meta"):  # no random init: every tensor comes from the file
-            model = build_simclrv2_model(**config)
+            model = SimCLRv2Model.from_spec(spec)
         model.load_state_dict(state, strict=True, assign=True)
         model.mode = mode
         model.image_size = None if image_size is None else int(image_size)
@@ -168,6 +156,16 @@ def model_from_config(config: Mapping[str, Any], state: Mapping[str, torch.Tenso
     return model
 
 
+def read_spec(spec: Any, mode: Any, format2_config: Any, source: str) -> tuple[ModelSpec, str]:
+    """(spec, mode) an export records; exports before format 3 hold format 2's ``model_config``."""
+    try:
+        if spec is None:
+            return read_format2_model_config(format2_config)
+        return ModelSpec(**spec), mode or "pretrain"
+    except (TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{source} records an architecture this simclrv2 cannot read ({err!r})") from None
+
+
 def read_safetensors(path: str | Path) -> tuple[SimCLRv2Model, Optional[list]]:
     """(model, class names or None) of a file written by ``save_safetensors``."""
     from safetensors import safe_open
@@ -175,10 +173,11 @@ def read_safetensors(path: str | Path) -> tuple[SimCLRv2Model, Optional[list]]:
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    if SAFETENSORS_CONFIG_KEY not in metadata:
-        raise ExportError(f"{path} has no {SAFETENSORS_CONFIG_KEY} metadata; it was not written by simclrv2 export")
-    model = model_from_config(json.loads(metadata[SAFETENSORS_CONFIG_KEY]), load_file(str(path)),
-                              metadata.get("image_size"), str(path))
+    if SAFETENSORS_SPEC_KEY not in metadata and SAFETENSORS_FORMAT2_KEY not in metadata:
+        raise ExportError(f"{path} has no {SAFETENSORS_SPEC_KEY} metadata; it was not written by simclrv2 export")
+    spec, mode = read_spec(json.loads(metadata.get(SAFETENSORS_SPEC_KEY, "null")), metadata.get("mode"),
+                           json.loads(metadata.get(SAFETENSORS_FORMAT2_KEY, "null")), str(path))
+    model = model_from_spec(spec, mode, load_file(str(path)), metadata.get("image_size"), str(path))
     return model, json.loads(metadata["classes"]) if "classes" in metadata else None
 
 

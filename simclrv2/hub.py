@@ -1,8 +1,8 @@
 """Hugging Face Hub: ``hf://ORG/NAME`` models and the folder that ``huggingface_hub.upload_folder`` publishes.
 
 A model folder (``simclrv2 export --format hf RUN DIR``) holds ``model.safetensors`` (the state
-dict, as ``--format safetensors`` writes it), ``config.json`` (the model spec: the
-``build_simclrv2_model`` arguments and mode, the image size, the class names, the registry name)
+dict, as ``--format safetensors`` writes it), ``config.json`` (the model's
+``ModelSpec`` and mode, the image size, the class names, the registry name)
 and ``README.md``, a model card with the run's results. ``simclrv2.load`` reads such a folder,
 locally or as ``hf://ORG/NAME[@REVISION]`` through ``huggingface_hub.snapshot_download``, which
 honours ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE`` and a token from ``huggingface-cli login``.
@@ -13,11 +13,12 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from simclrv2.engine.checkpoint import CheckpointError, atomic_write
-from simclrv2.models import SimCLRv2Model
+from simclrv2.models import ModelSpec, SimCLRv2Model
 
 HF_PREFIX = "hf://"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,29 +75,31 @@ def load_folder(folder: Path) -> tuple[SimCLRv2Model, Optional[list]]:
     from ``model.safetensors``."""
     from safetensors.torch import load_file
 
-    from simclrv2.export import model_from_config
+    from simclrv2.export import model_from_spec, read_spec
 
     try:
-        spec = json.loads((folder / CONFIG_NAME).read_text())
-        config = spec["model_config"]
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if not {"model_spec", "model_config"} & set(config):  # model_config: an export before format 3
+            raise KeyError("model_spec")
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not a simclrv2 model config ({err!r}); "
                               "re-export the model with simclrv2 export --format hf") from None
-    model = model_from_config(config, load_file(str(folder / WEIGHTS_NAME)), spec.get("image_size"),
-                              str(folder / WEIGHTS_NAME))
-    return model, spec.get("classes")
+    spec, mode = read_spec(config.get("model_spec"), config.get("mode"), config.get("model_config"),
+                           str(folder / CONFIG_NAME))
+    model = model_from_spec(spec, mode, load_file(str(folder / WEIGHTS_NAME)), config.get("image_size"),
+                            str(folder / WEIGHTS_NAME))
+    return model, config.get("classes")
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def model_spec(model: SimCLRv2Model, classes: Optional[list]) -> dict[str, Any]:
+def folder_config(model: SimCLRv2Model, classes: Optional[list]) -> dict[str, Any]:
     """The ``config.json`` of a model folder."""
-    from simclrv2.export import model_config_of
     from simclrv2.models.registry import name_of
 
-    config = model_config_of(model)
-    return {"library_name": LIBRARY_NAME, "model_name": name_of(config), "model_config": config,
+    spec = model.spec
+    return {"library_name": LIBRARY_NAME, "model_name": name_of(spec), "model_spec": asdict(spec), "mode": model.mode,
             "image_size": model.image_size, "classes": list(classes) if classes else None}
 
 
@@ -110,30 +113,30 @@ def run_results(run_dir: Optional[Path]) -> Optional[dict[str, Any]]:
     return {**results, "dataset": data.get("dataset"), "split": results.get("split", data.get("eval_split"))}
 
 
-def model_card(spec: dict[str, Any], results: Optional[dict[str, Any]], name: str) -> str:
+def model_card(config: dict[str, Any], results: Optional[dict[str, Any]], name: str) -> str:
     """The model card: Hub metadata, the architecture, the run's results and how to load it."""
     from simclrv2.convert import describe_architecture
 
-    registered = f" (`{spec['model_name']}` in `simclrv2.list_models()`)" if spec["model_name"] else ""
+    registered = f" (`{config['model_name']}` in `simclrv2.list_models()`)" if config["model_name"] else ""
     lines = ["---", f"library_name: {LIBRARY_NAME}", "license: apache-2.0",
              "tags: [simclrv2, self-supervised-learning, image-classification]", "---", "",
              f"# {name}", "", f"A SimCLRv2 model (Chen et al., NeurIPS 2020) trained with simclrv2{registered}: "
-             f"{describe_architecture(spec['model_config'])}; inputs of {spec['image_size'] or 'any'} px.", ""]
+             f"{describe_architecture(ModelSpec(**config['model_spec']))}; inputs of {config['image_size'] or 'any'} px.", ""]
     if results is not None:
         labels = results.get("labels") or (f"{results['num_labelled']} labelled images"
                                            if "num_labelled" in results else "see the training run")
         lines += ["## Results", "", "| dataset | split | labels | top-1 | top-5 | images |", "|---|---|---|---:|---:|---:|",
                   f"| {results.get('dataset')} | {results.get('split')} | {labels} | {results['top1']:.2f} | "
                   f"{results['top5']:.2f} | {results.get('num_examples')} |", ""]
-    if spec["classes"]:
-        lines += [f"Classes, in the order of the logits: {', '.join(map(str, spec['classes']))}.", ""]
+    if config["classes"]:
+        lines += [f"Classes, in the order of the logits: {', '.join(map(str, config['classes']))}.", ""]
     lines += ["## Usage", "", "```python", "import simclrv2", "",
               f'model = simclrv2.load("hf://ORG/{name}")  # the repository this folder was uploaded to',
               "features = model.embed(images)       # float RGB in [0, 1], (N, 3, H, W), no mean/std normalisation"]
-    if spec["model_config"].get("num_classes"):
+    if config["model_spec"]["num_classes"]:
         lines.append("probabilities = model.predict(images)")
-    if spec["model_name"]:
-        lines.append(f'model = simclrv2.create_model("{spec["model_name"]}", pretrained="hf://ORG/{name}")  # the same')
+    if config["model_name"]:
+        lines.append(f'model = simclrv2.create_model("{config["model_name"]}", pretrained="hf://ORG/{name}")  # the same')
     lines += ["```", "", f"Upload: `huggingface_hub.upload_folder(repo_id=\"ORG/{name}\", folder_path=\"{name}\")`.", ""]
     return "\n".join(lines)
 
@@ -143,15 +146,15 @@ def write_folder(model: SimCLRv2Model, out: Path, classes: Optional[list], run_d
     a folder named ``out`` is always complete (an existing one is replaced only after the new one is)."""
     from simclrv2.export import safetensors_bytes
 
-    spec = model_spec(model, classes)
+    config = folder_config(model, classes)
     weights = safetensors_bytes(model, classes)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         atomic_write(tmp / WEIGHTS_NAME, lambda handle: handle.write(weights))
-        atomic_write(tmp / CONFIG_NAME, lambda handle: handle.write((json.dumps(spec, indent=2) + "\n").encode()))
-        card = model_card(spec, run_results(run_dir), out.name)
+        atomic_write(tmp / CONFIG_NAME, lambda handle: handle.write((json.dumps(config, indent=2) + "\n").encode()))
+        card = model_card(config, run_results(run_dir), out.name)
         atomic_write(tmp / CARD_NAME, lambda handle: handle.write(card.encode()))
         _replace_folder(tmp, out)
     finally:
@@ -176,9 +179,9 @@ def _replace_folder(new: Path, out: Path) -> None:
 def is_export_folder(path: Path) -> bool:
     """Whether ``path`` holds a folder this module wrote (what ``--force`` may replace)."""
     try:
-        spec = json.loads((path / CONFIG_NAME).read_text())
+        config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return False
     written = {WEIGHTS_NAME, CONFIG_NAME, CARD_NAME}
-    return isinstance(spec, dict) and spec.get("library_name") == LIBRARY_NAME and \
+    return isinstance(config, dict) and config.get("library_name") == LIBRARY_NAME and \
         {p.name for p in path.iterdir()} <= written | {".gitattributes", ".cache"}

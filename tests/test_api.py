@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import simclrv2
 from simclrv2.engine.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, save_checkpoint
-from simclrv2.models import build_simclrv2_model
+from simclrv2.models import ModelSpec, build_simclrv2_model
 
-CONFIG = dict(depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
+CONFIG = dict(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
               ft_proj_selector=1, num_classes=4)
 
 
@@ -27,7 +27,7 @@ def trained():
 
 
 def _state(model, mode="finetune"):
-    return {"stage": "finetune", "model": model.state_dict(), "model_config": {**CONFIG, "mode": mode},
+    return {"stage": "finetune", "model": model.state_dict(), "model_spec": CONFIG, "mode": mode,
             "image_size": 32, "classes": ["a", "b", "c", "d"]}
 
 
@@ -58,6 +58,19 @@ def test_load_run_folder_and_checkpoint_file(trained, tmp_path):
         assert probabilities.shape == (5, 4)
         torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(5), rtol=0, atol=1e-6)
         torch.testing.assert_close(probabilities.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_format_2_checkpoint_loads(trained, tmp_path):
+    """Format 2 recorded the architecture as the builder's arguments of then (``depth``) with the mode."""
+    format2 = {k: v for k, v in _state(trained).items() if k not in ("model_spec", "mode")}
+    config = {**{k: v for k, v in CONFIG.items() if k != "resnet_depth"}, "depth": CONFIG["resnet_depth"],
+              "mode": "finetune"}
+    atomic_save({"format_version": 2, **format2, "model_config": config}, tmp_path / "old.pt")
+    model = simclrv2.load(tmp_path / "old.pt")
+    assert model.spec == ModelSpec(**CONFIG) and model.mode == "finetune"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x), trained.predict(x), rtol=0, atol=0)
 
 
 def test_predict_equals_softmax_of_the_forward_logits_in_both_modes(trained, tmp_path):

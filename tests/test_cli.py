@@ -12,7 +12,7 @@ import torch
 from simclrv2 import config
 from simclrv2.cli import build_parser, main
 from simclrv2.data import DatasetNotFoundError, TensorImageDataset, build_dataset
-from simclrv2.stages.common import check_splits, labelled_indices
+from simclrv2.data.splits import check_splits, labelled_indices
 from cli_checks import expect_one_line_error
 
 

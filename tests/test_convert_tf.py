@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,9 @@ from simclrv2 import cli
 from simclrv2.convert import ConversionError, convert_tf_checkpoint, infer_architecture, is_tf_source
 from simclrv2.convert.architecture import ArchitectureError
 from simclrv2.convert.tensor_bundle import TensorBundle
-from simclrv2.engine.checkpoint import load_checkpoint
+from simclrv2.convert.official_keys import official_key_map, strip_checkpoint_suffix, torch_to_official
+from simclrv2.engine.checkpoint import load_checkpoint, load_model
 from simclrv2.models import build_simclrv2_model
-from simclrv2.models.official_keys import official_key_map, strip_checkpoint_suffix, torch_to_official
-from simclrv2.stages.common import load_model
 
 FIXTURE_B = "forward_B_r50_w0.125_sk0_64"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -64,29 +64,29 @@ def _same_channels(model_a, model_b) -> bool:
 # ----------------------------------------------------------------------------- inference, no TF
 
 INFERENCE_CASES = [
-    dict(depth=18, width_multiplier=1.0, sk_ratio=0.0, cifar_stem=True, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=18, width_multiplier=1.0, sk_ratio=0.0, cifar_stem=True, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=10),
-    dict(depth=34, width_multiplier=0.5, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=2, proj_out_dim=64,
+    dict(resnet_depth=34, width_multiplier=0.5, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=2, proj_out_dim=64,
          ft_proj_selector=-1, num_classes=5),
-    dict(depth=50, width_multiplier=0.3, sk_ratio=0.0, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=50, width_multiplier=0.3, sk_ratio=0.0, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=None),
-    dict(depth=101, width_multiplier=2.0, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=101, width_multiplier=2.0, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=1000),
-    dict(depth=152, width_multiplier=3.0, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=152, width_multiplier=3.0, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=1000),
-    dict(depth=200, width_multiplier=0.25, sk_ratio=0.5, cifar_stem=True, num_proj_layers=0, proj_out_dim=128,
+    dict(resnet_depth=200, width_multiplier=0.25, sk_ratio=0.5, cifar_stem=True, num_proj_layers=0, proj_out_dim=128,
          ft_proj_selector=0, num_classes=3),
 ]
 
 
-@pytest.mark.parametrize("kwargs", INFERENCE_CASES, ids=lambda k: f"r{k['depth']}-w{k['width_multiplier']}-sk{k['sk_ratio']}")
+@pytest.mark.parametrize("kwargs", INFERENCE_CASES, ids=lambda k: f"r{k['resnet_depth']}-w{k['width_multiplier']}-sk{k['sk_ratio']}")
 def test_architecture_inferred_from_our_key_maps(kwargs):
     with torch.device("meta"):
         model = build_simclrv2_model(**kwargs)
-        arch = infer_architecture(_official_shapes(model))
+        arch = asdict(infer_architecture(_official_shapes(model)))
         rebuilt = build_simclrv2_model(**arch)
     assert _same_channels(model, rebuilt)
-    for key in ("depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector"):
+    for key in ("resnet_depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector"):
         assert arch[key] == kwargs[key], key
     assert (arch["sk_ratio"] > 0) == (kwargs["sk_ratio"] > 0)
     if kwargs["width_multiplier"] * 512 == int(kwargs["width_multiplier"] * 512):
@@ -97,8 +97,8 @@ def test_architecture_inferred_from_our_key_maps(kwargs):
 
 def test_non_paper_sk_ratio_is_read_from_the_squeeze_widths():
     with torch.device("meta"):
-        model = build_simclrv2_model(depth=50, width_multiplier=1.0, sk_ratio=0.125)
-    assert infer_architecture(_official_shapes(model))["sk_ratio"] == 0.125
+        model = build_simclrv2_model(resnet_depth=50, width_multiplier=1.0, sk_ratio=0.125)
+    assert infer_architecture(_official_shapes(model)).sk_ratio == 0.125
 
 
 @pytest.mark.parametrize("config", ["r50_1x_sk0_imagenet", "r50_1x_sk1_imagenet"])
@@ -106,15 +106,15 @@ def test_architecture_of_official_full_size_key_lists(reference_dir, config):
     entry = json.loads((reference_dir / "variable_names_full_size.json").read_text())["configs"][config]
     shapes = {strip_checkpoint_suffix(k): v for k, v in entry["checkpoint_keys_and_shapes"].items()
               if k.startswith("model/") and ".OPTIMIZER_SLOT" not in k}
-    arch = infer_architecture(shapes)
-    assert arch == {"depth": 50, "width_multiplier": 1.0, "sk_ratio": 0.0625 if "sk1" in config else 0.0,
+    arch = asdict(infer_architecture(shapes))
+    assert arch == {"resnet_depth": 50, "width_multiplier": 1.0, "sk_ratio": 0.0625 if "sk1" in config else 0.0,
                     "cifar_stem": False, "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 0,
                     "num_classes": entry["num_classes"]}
 
 
 def test_inference_rejects_what_no_official_model_has():
     with torch.device("meta"):
-        shapes = _official_shapes(build_simclrv2_model(depth=50, width_multiplier=0.25, num_classes=10))
+        shapes = _official_shapes(build_simclrv2_model(resnet_depth=50, width_multiplier=0.25, num_classes=10))
     gone = {k: v for k, v in shapes.items() if "/block_groups/2/layers/5/" not in k}
     with pytest.raises(ArchitectureError, match=r"\[3, 4, 5, 3\] match no supported ResNet depth"):
         infer_architecture(gone)
@@ -124,7 +124,7 @@ def test_inference_rejects_what_no_official_model_has():
         infer_architecture(shapes, ft_proj_selector=-1)
     with pytest.raises(ArchitectureError, match="outside the 3-layer projection head"):
         infer_architecture(shapes, ft_proj_selector=4)
-    assert infer_architecture(shapes, ft_proj_selector=2)["ft_proj_selector"] == 2
+    assert infer_architecture(shapes, ft_proj_selector=2).ft_proj_selector == 2
 
 
 # ----------------------------------------------------------------------------- TensorFlow-written checkpoints
@@ -229,23 +229,23 @@ def _official_arrays(model, drop: str | None = None, extra: str | None = None) -
 
 
 TF_CASES = [
-    dict(depth=18, width_multiplier=0.25, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=18, width_multiplier=0.25, sk_ratio=0.0625, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=7),
-    dict(depth=34, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
+    dict(resnet_depth=34, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
          ft_proj_selector=-1, num_classes=5),
-    dict(depth=50, width_multiplier=0.25, sk_ratio=0.5, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
+    dict(resnet_depth=50, width_multiplier=0.25, sk_ratio=0.5, cifar_stem=False, num_proj_layers=3, proj_out_dim=128,
          ft_proj_selector=0, num_classes=None),
-    dict(depth=101, width_multiplier=0.1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=1, proj_out_dim=32,
+    dict(resnet_depth=101, width_multiplier=0.1, sk_ratio=0.0, cifar_stem=False, num_proj_layers=1, proj_out_dim=32,
          ft_proj_selector=0, num_classes=4),
 ]
-SMALL = dict(depth=18, width_multiplier=0.125, num_classes=3)
+SMALL = dict(resnet_depth=18, width_multiplier=0.125, num_classes=3)
 EXTRA = "model/resnet_model/block_groups/1/layers/0/se_layer/conv2d/kernel"
 GONE = "model/resnet_model/block_groups/2/layers/1/conv2d_bn_layers/3/bn/gamma"
 BIAS = "model/supervised_head/linear_layer/dense/bias"
 
 
 def _case_id(kwargs) -> str:
-    return f"r{kwargs['depth']}-w{kwargs['width_multiplier']}-sk{kwargs['sk_ratio']}"
+    return f"r{kwargs['resnet_depth']}-w{kwargs['width_multiplier']}-sk{kwargs['sk_ratio']}"
 
 
 @pytest.fixture(scope="module")
@@ -329,9 +329,9 @@ def test_official_layout_checkpoints_convert_exactly(tf_written, tmp_path, kwarg
     model, prefix = models[_case_id(kwargs)], prefixes[_case_id(kwargs)]
     assert prefix.name == "ckpt-7" and is_tf_source(prefix.parent) and is_tf_source(prefix)
     record = _assert_converts_exactly(model, prefix, tmp_path / "converted.pt")
-    config = record["model_config"]
-    assert {k: config[k] for k in ("depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")} == \
-        {k: kwargs[k] for k in ("depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")}
+    config = {**record["model_spec"], "mode": record["mode"]}
+    assert {k: config[k] for k in ("resnet_depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")} == \
+        {k: kwargs[k] for k in ("resnet_depth", "cifar_stem", "num_proj_layers", "num_classes", "ft_proj_selector")}
     assert config["sk_ratio"] == kwargs["sk_ratio"]
     x = torch.rand(2, 3, 32, 32)
     loaded = simclrv2.load(tmp_path / "converted.pt")
@@ -413,7 +413,7 @@ def _assert_tensorflow_outputs(model, io, x) -> None:
 def test_official_fixture_reproduces_tensorflow_outputs(fixture_b, converted_b, kind):
     _, io, x = fixture_b
     model, record = converted_b[kind]
-    assert record["model_config"] == {"depth": 50, "width_multiplier": 0.125, "sk_ratio": 0.0, "cifar_stem": False,
+    assert {**record["model_spec"], "mode": record["mode"]} == {"resnet_depth": 50, "width_multiplier": 0.125, "sk_ratio": 0.0, "cifar_stem": False,
                                       "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 0,
                                       "num_classes": 10, "mode": "pretrain"}
     _assert_tensorflow_outputs(model, io, x)

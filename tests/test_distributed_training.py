@@ -49,9 +49,9 @@ from simclrv2.engine import checkpoint as ckpt_lib
 from simclrv2.engine.checkpoint import CheckpointError
 from simclrv2.engine.trainer import TrainTask, train
 from simclrv2.losses import l2_normalize, moco_contrastive_loss, nt_xent
-from simclrv2.memory import FeatureQueue, ema_update_
-from simclrv2.models import build_simclrv2_model
-from simclrv2.stages import common as C
+from simclrv2.losses.memory import FeatureQueue, ema_update_
+from simclrv2.models import build_simclrv2_model, frozen_copy
+from simclrv2.optim.factory import build_optimizer, labelled_loss_weight_decay
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -64,7 +64,7 @@ NUM_CLASSES = 10
 EVAL_SIZE = 21  # odd: rank 0 gets 11 examples, rank 1 gets 10
 EVAL_BATCH = 5  # 3 batches on rank 0, 2 on rank 1
 TEMPERATURE = 0.2
-MODEL = dict(depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=3, proj_out_dim=16,
+MODEL = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_proj_layers=3, proj_out_dim=16,
              ft_proj_selector=1)
 OPTIM = OptimConfig(optimizer="lars", weight_decay=1e-4, momentum=0.9)
 LR = 0.5
@@ -107,7 +107,7 @@ def _pretrain_run(data: dict, rt: Runtime, run_dir: Path) -> dict:
     model = build_simclrv2_model(**MODEL, num_classes=NUM_CLASSES).to(DTYPE)
     model.load_state_dict(data["init"])
     net = prepare_model(model, rt, global_bn=True, compile_model=False)
-    optimizer = C.build_optimizer(model, OPTIM)
+    optimizer = build_optimizer(model, OPTIM)
     losses: list[torch.Tensor] = []
 
     def step_fn(batch, step):
@@ -115,7 +115,7 @@ def _pretrain_run(data: dict, rt: Runtime, run_dir: Path) -> dict:
         projection, logits = net(to_device_images(torch.cat([view1, view2]), rt))
         contrast, _, _ = nt_xent(projection, TEMPERATURE)
         sup = F.cross_entropy(logits, torch.cat([labels, labels]))
-        loss = contrast + sup + C.labelled_loss_weight_decay(model, OPTIM)
+        loss = contrast + sup + labelled_loss_weight_decay(model, OPTIM)
         losses.append(D.all_reduce_mean(loss))
         return loss, {}
 
@@ -132,8 +132,8 @@ def _moco_run(data: dict, rt: Runtime, run_dir: Path) -> dict:
     model = build_simclrv2_model(**MODEL).to(DTYPE)
     model.load_state_dict({k: v for k, v in data["init"].items() if not k.startswith("supervised_head.")})
     net = prepare_model(model, rt, global_bn=True, compile_model=False)
-    optimizer = C.build_optimizer(model, OPTIM)
-    momentum_net = C.frozen_copy(unwrap(net))
+    optimizer = build_optimizer(model, OPTIM)
+    momentum_net = frozen_copy(unwrap(net))
     queue = FeatureQueue(QUEUE, MODEL["proj_out_dim"]).to(DTYPE)
     losses: list[torch.Tensor] = []
     new_keys: list[torch.Tensor] = []

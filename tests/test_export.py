@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,13 @@ from simclrv2.export import (
     export_model,
     export_onnx,
     load_safetensors,
-    model_config_of,
     onnx_max_difference,
     save_safetensors,
     torchvision_resnet,
     torchvision_state_dict,
 )
-from simclrv2.models import build_simclrv2_model
-from simclrv2.models.official_keys import official_state_dict
+from simclrv2.convert.official_keys import official_state_dict
+from simclrv2.models import ModelSpec, build_simclrv2_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def _tv_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def r50():
-    return _random_model(depth=50, width_multiplier=1.0, ft_proj_selector=0, num_classes=10)
+    return _random_model(resnet_depth=50, width_multiplier=1.0, ft_proj_selector=0, num_classes=10)
 
 
 def test_r50_loads_into_stock_torchvision_resnet50(r50):
@@ -102,7 +102,7 @@ def test_max_pool_padding_difference_on_the_official_fixture(reference_dir):
         pytest.skip(f"{folder} not found")
     variables = json.loads((folder / "variables.json").read_text())["variables"]
     arrays = np.load(folder / "variables.npz", allow_pickle=False)
-    model = build_simclrv2_model(depth=50, width_multiplier=0.125, ft_proj_selector=0, num_classes=10)
+    model = build_simclrv2_model(resnet_depth=50, width_multiplier=0.125, ft_proj_selector=0, num_classes=10)
     model.load_state_dict(official_state_dict(model, {v["checkpoint_key"]: arrays[v["name"]] for v in variables}))
     model.eval()
     stock = copy.deepcopy(model)
@@ -117,7 +117,7 @@ def test_max_pool_padding_difference_on_the_official_fixture(reference_dir):
 
 
 def test_resnet18_cifar_stem_needs_the_helper(tmp_path):
-    model = _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=1, num_classes=4)
+    model = _random_model(resnet_depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=1, num_classes=4)
     state = torchvision_state_dict(model)
     assert "fc.weight" not in state  # the head reads head layer 1, not the encoder output
     with pytest.raises(RuntimeError, match="layer1.0.downsample"):
@@ -129,8 +129,8 @@ def test_resnet18_cifar_stem_needs_the_helper(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(depth=50, width_multiplier=1.0, sk_ratio=0.0625), "selective-kernel"),
-    (dict(depth=50, width_multiplier=0.5), "width 1x only"),
+    (dict(resnet_depth=50, width_multiplier=1.0, sk_ratio=0.0625), "selective-kernel"),
+    (dict(resnet_depth=50, width_multiplier=0.5), "width 1x only"),
 ])
 def test_torchvision_export_refuses_what_torchvision_lacks(kwargs, message):
     with torch.device("meta"):
@@ -140,13 +140,13 @@ def test_torchvision_export_refuses_what_torchvision_lacks(kwargs, message):
 
 
 def test_safetensors_round_trip_for_a_selective_kernel_model(tmp_path):
-    model = _random_model(depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_proj_layers=2,
+    model = _random_model(resnet_depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_proj_layers=2,
                           proj_out_dim=32, ft_proj_selector=2, num_classes=6)
     model.mode = "finetune"
     path = tmp_path / "m.safetensors"
     save_safetensors(model, path)
     back = load_safetensors(path)
-    assert model_config_of(back) == model_config_of(model) and back.mode == "finetune"
+    assert back.spec == model.spec and back.mode == "finetune"
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
     x = torch.rand(2, 3, 48, 48)
@@ -154,10 +154,23 @@ def test_safetensors_round_trip_for_a_selective_kernel_model(tmp_path):
         torch.testing.assert_close(simclrv2.load(path).predict(x), model.predict(x), rtol=0, atol=0)
 
 
+def test_safetensors_of_an_earlier_version_load(tmp_path):
+    """Before format 3 the metadata held the builder's arguments of then (``depth``) and the mode."""
+    from safetensors.torch import save_file
+
+    model = build_simclrv2_model(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_classes=3).eval()
+    config = {**asdict(model.spec), "mode": "finetune"}
+    config["depth"] = config.pop("resnet_depth")
+    save_file(model.state_dict(), tmp_path / "old.safetensors",
+              metadata={"simclrv2_model_config": json.dumps(config), "format": "simclrv2"})
+    back = load_safetensors(tmp_path / "old.safetensors")
+    assert back.spec == ModelSpec(18, 0.125, 0.0, True, 3, 128, 1, 3) and back.mode == "finetune"
+
+
 @pytest.mark.parametrize("kwargs, size", [
-    (dict(depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_classes=5), 64),
-    (dict(depth=18, width_multiplier=0.25, cifar_stem=True, ft_proj_selector=1, num_classes=3), 32),
-    (dict(depth=18, width_multiplier=0.25, num_proj_layers=2), 56),
+    (dict(resnet_depth=50, width_multiplier=0.0625, sk_ratio=0.0625, num_classes=5), 64),
+    (dict(resnet_depth=18, width_multiplier=0.25, cifar_stem=True, ft_proj_selector=1, num_classes=3), 32),
+    (dict(resnet_depth=18, width_multiplier=0.25, num_proj_layers=2), 56),
 ])
 def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kwargs, size):
     pytest.importorskip("onnxruntime")
@@ -172,9 +185,9 @@ def test_onnx_matches_pytorch_in_onnxruntime(tmp_path, kwargs, size):
 
 def test_export_command_on_a_run_folder(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    model = _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=0, num_classes=3)
-    config = {**model_config_of(model), "mode": "finetune"}
-    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), "model_config": config,
+    model = _random_model(resnet_depth=18, width_multiplier=1.0, cifar_stem=True, ft_proj_selector=0, num_classes=3)
+    config = {"model_spec": asdict(model.spec), "mode": "finetune"}
+    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), **config,
                                        "image_size": 32}, step=5, keep=1)
     exported = tmp_path / "r18.safetensors"
     assert cli.main(["export", str(tmp_path / "run"), str(exported), "--format", "safetensors"]) == 0
@@ -189,16 +202,16 @@ def test_export_command_on_a_run_folder(tmp_path, capsys):
     with pytest.raises(ExportError, match="unknown export format"):
         export_model(model, tmp_path / "x", "keras")
     sk_ckpt = tmp_path / "sk.safetensors"
-    save_safetensors(build_simclrv2_model(depth=18, width_multiplier=0.125, sk_ratio=0.0625), sk_ckpt)
+    save_safetensors(build_simclrv2_model(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0625), sk_ckpt)
     assert cli.main(["export", str(sk_ckpt), str(tmp_path / "sk.pt"), "--format", "torchvision"]) == 2
     assert "have no torchvision counterpart" in capsys.readouterr().err
 
 
 def test_onnx_export_defaults_to_the_trained_image_size(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    model = _random_model(depth=18, width_multiplier=0.125, cifar_stem=True, num_classes=4)
-    config = {**model_config_of(model), "mode": "finetune"}
-    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), "model_config": config,
+    model = _random_model(resnet_depth=18, width_multiplier=0.125, cifar_stem=True, num_classes=4)
+    config = {"model_spec": asdict(model.spec), "mode": "finetune"}
+    save_checkpoint(tmp_path / "run", {"stage": "finetune", "model": model.state_dict(), **config,
                                        "image_size": 28}, step=1, keep=1)
     assert simclrv2.load(tmp_path / "run").image_size == 28
     assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "m.onnx"), "--format", "onnx"]) == 0
@@ -231,7 +244,7 @@ def _fail(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def r18():
-    return _random_model(depth=18, width_multiplier=1.0, cifar_stem=True, num_proj_layers=1, proj_out_dim=8)
+    return _random_model(resnet_depth=18, width_multiplier=1.0, cifar_stem=True, num_proj_layers=1, proj_out_dim=8)
 
 
 @pytest.mark.parametrize("fmt, patch", [
@@ -266,7 +279,7 @@ def test_export_refuses_to_replace_an_output_without_force(tmp_path, capsys, r18
 
 
 def test_onnx_export_without_the_onnx_package_names_the_extra(tmp_path, monkeypatch):
-    model = build_simclrv2_model(depth=18, width_multiplier=0.125, cifar_stem=True).eval()
+    model = build_simclrv2_model(resnet_depth=18, width_multiplier=0.125, cifar_stem=True).eval()
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     for call in (lambda: export_model(model, tmp_path / "m.onnx", "onnx", 32), lambda: export_onnx(model, tmp_path / "m.onnx", 32)):
         with pytest.raises(ExportError, match=r"^ONNX export needs the onnx package: pip install 'simclrv2\[export\]'$"):
@@ -276,7 +289,7 @@ def test_onnx_export_without_the_onnx_package_names_the_extra(tmp_path, monkeypa
 
 def test_onnx_export_command_without_onnx_in_a_fresh_process(tmp_path):
     """``python -m simclrv2 export --format onnx`` where ``import onnx`` fails: one line, exit 2."""
-    model = build_simclrv2_model(depth=18, width_multiplier=0.125, cifar_stem=True)
+    model = build_simclrv2_model(resnet_depth=18, width_multiplier=0.125, cifar_stem=True)
     save_safetensors(model, tmp_path / "m.safetensors")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
@@ -293,7 +306,7 @@ def test_onnx_export_command_without_onnx_in_a_fresh_process(tmp_path):
 def test_onnx_export_refuses_models_over_two_gigabytes(tmp_path):
     pytest.importorskip("onnx")
     with torch.device("meta"):
-        model = build_simclrv2_model(depth=152, width_multiplier=3.0, sk_ratio=0.0625)
+        model = build_simclrv2_model(resnet_depth=152, width_multiplier=3.0, sk_ratio=0.0625)
     with pytest.raises(ExportError, match=r"3.2 GiB of weights exceed what one ONNX file holds \(2 GiB\)"):
         export_onnx(model, tmp_path / "big.onnx", 224)
     assert list(tmp_path.iterdir()) == []

@@ -276,12 +276,12 @@ def test_a_label_file_of_relative_paths_selects_the_labelled_subset(tmp_path):
     """The semi-supervised setting on a user's folder: all of train/ unlabelled for pretraining,
     the images a label file lists (paths relative to train/) for fine-tuning."""
     from simclrv2.config import DataConfig, LabelConfig
-    from simclrv2.stages import common as C
+    from simclrv2.data.splits import labelled_train_set
 
     for c in range(2):
         for i in range(4):
             _save(_random_image(20, 20, seed=10 * c + i), tmp_path / "data" / "train" / f"k{c}" / f"{i}.png")
     (tmp_path / "labels.txt").write_text("k1/2.png\nk0/3.png\n")
     data = DataConfig(dataset="folder", data_dir=str(tmp_path / "data"), image_size=16)
-    full, labelled = C.labelled_train_set(data, LabelConfig(label_file=str(tmp_path / "labels.txt")), seed=0)
+    full, labelled = labelled_train_set(data, LabelConfig(label_file=str(tmp_path / "labels.txt")), seed=0)
     assert len(full) == 8 and labelled.sample_ids == ["k0/3.png", "k1/2.png"] and labelled.targets == [0, 1]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ import torch
 import simclrv2
 from simclrv2 import cli
 from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
-from simclrv2.export import model_config_of
 from simclrv2.hub import is_export_folder, parse_reference
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def _finetune_run(root: Path) -> tuple[Path, torch.nn.Module]:
                              else 0.2 * torch.randn(tensor.shape, generator=generator))
     model.mode = "finetune"
     run = root / "finetune"
-    save_checkpoint(run, {"stage": "finetune", "model": model.state_dict(), "model_config": model_config_of(model),
-                          "image_size": 28, "classes": CLASSES}, step=4, keep=1)
+    save_checkpoint(run, {"stage": "finetune", "model": model.state_dict(), "model_spec": asdict(model.spec),
+                          "mode": model.mode, "image_size": 28, "classes": CLASSES}, step=4, keep=1)
     (run / "config.json").write_text(json.dumps({"data": {"dataset": "embedded", "eval_split": "test"}}))
     (run / "eval.json").write_text(json.dumps({"top1": 73.04, "top5": 97.91, "num_examples": 10000,
                                                "num_labelled": 100, "labels": "10 per class"}))
@@ -62,7 +62,7 @@ def test_export_hf_folder_and_load_it_offline_through_the_hub_cache(tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     spec = json.loads((out / "config.json").read_text())
     assert spec["model_name"] == "r18_0p25x_sk0_cifar" and spec["image_size"] == 28 and spec["classes"] == CLASSES
-    assert spec["model_config"] == model_config_of(model)
+    assert spec["model_spec"] == asdict(model.spec) and spec["mode"] == model.mode
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: simclrv2\n")
     assert "| embedded | test | 10 per class | 73.04 | 97.91 | 10000 |" in card

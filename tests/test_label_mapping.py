@@ -13,7 +13,7 @@ from PIL import Image
 from simclrv2.config import ConfigError, DataConfig, LabelConfig
 from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
 from simclrv2.data.subsets import read_subset_file
-from simclrv2.stages import common as C
+from simclrv2.data.splits import labelled_indices, take_subset
 
 
 def _image(path: Path, value: int = 0) -> None:
@@ -95,13 +95,13 @@ def test_subset_then_label_file_through_the_stages(tmp_path):
     the same images, and ids outside the subset are reported."""
     images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
     full = TensorImageDataset(images, torch.arange(20) % 2, ("even", "odd"), "toy")
-    part = C.take_subset(full, DataConfig(subset=6), seed=0)
+    part = take_subset(full, DataConfig(subset=6), seed=0)
     kept = [int(i) for i in part.sample_ids]
     labels = tmp_path / "labels.txt"
     labels.write_text(f"{kept[4]}\n{kept[1]}\n")
-    chosen = part.subset(C.labelled_indices(LabelConfig(label_file=str(labels)), part, seed=0))
+    chosen = part.subset(labelled_indices(LabelConfig(label_file=str(labels)), part, seed=0))
     assert chosen.images[:, 0, 0, 0].tolist() == sorted([kept[1], kept[4]])
     missing = next(i for i in range(20) if i not in kept)
     labels.write_text(f"{missing}\n")
     with pytest.raises(ConfigError, match=f"not in the dataset: {missing}"):
-        C.labelled_indices(LabelConfig(label_file=str(labels)), part, seed=0)
+        labelled_indices(LabelConfig(label_file=str(labels)), part, seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclrv2.memory import FeatureQueue, ema_update_
+from simclrv2.losses.memory import FeatureQueue, ema_update_
 
 
 def reference_fifo(size, batches):

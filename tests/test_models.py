@@ -43,7 +43,7 @@ def _bn_stats(module: nn.Module) -> int:
 
 
 def _small_model(**overrides) -> SimCLRv2Model:
-    cfg = dict(depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=3,
+    cfg = dict(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=3,
                proj_out_dim=16, ft_proj_selector=1, num_classes=5)
     cfg.update(overrides)
     return build_simclrv2_model(**cfg)
@@ -178,7 +178,7 @@ def test_param_counts_match_official(reference_dir):
     assert len(rows) == 22
     for row in rows:
         with torch.device("meta"):
-            model = build_simclrv2_model(depth=row["depth"], width_multiplier=row["width"], sk_ratio=row["sk_ratio"],
+            model = build_simclrv2_model(resnet_depth=row["depth"], width_multiplier=row["width"], sk_ratio=row["sk_ratio"],
                                          cifar_stem=False, num_proj_layers=3, proj_out_dim=128, ft_proj_selector=0,
                                          num_classes=1000)
         name = f"R{row['depth']}-{row['width']}x-sk{row['sk_ratio']}"
@@ -263,7 +263,7 @@ def test_stride2_resnet_d_pool_counts_fixed_padding():
 
 def test_zero_init_gamma_only_on_last_bn_of_residual_branch():
     for depth, sk in ((18, 0.0), (18, 0.0625), (50, 0.0), (50, 0.0625)):
-        model = build_simclrv2_model(depth=depth, width_multiplier=0.125, sk_ratio=sk, cifar_stem=False,
+        model = build_simclrv2_model(resnet_depth=depth, width_multiplier=0.125, sk_ratio=sk, cifar_stem=False,
                                      num_proj_layers=3, proj_out_dim=8, ft_proj_selector=0, num_classes=3)
         last = {id(b.bn2 if isinstance(b, BasicBlock) else b.bn3)
                 for layer in (model.encoder.layer1, model.encoder.layer2, model.encoder.layer3, model.encoder.layer4)
@@ -289,7 +289,7 @@ def test_residual_branches_start_as_zero():
 
 def test_conv_and_dense_init_scales():
     torch.manual_seed(0)
-    model = build_simclrv2_model(depth=50, width_multiplier=0.5, sk_ratio=0.0, cifar_stem=False, num_proj_layers=2,
+    model = build_simclrv2_model(resnet_depth=50, width_multiplier=0.5, sk_ratio=0.0, cifar_stem=False, num_proj_layers=2,
                                  proj_out_dim=128, ft_proj_selector=0, num_classes=1000)
     conv = model.encoder.layer4[0].conv2.weight  # 3x3, 256 -> 256: fan_in 2304
     std = 1 / math.sqrt(conv[0].numel())
@@ -432,7 +432,7 @@ def test_supervised_head_init_and_zero_init():
 
 @pytest.mark.parametrize("selector,width", [(0, 64), (1, 64), (2, 64), (3, 16), (-1, 16)])
 def test_supervised_head_takes_the_selected_hidden(selector, width):
-    model = _small_model(width_multiplier=0.125, depth=34, ft_proj_selector=selector, zero_init_logits=True)
+    model = _small_model(width_multiplier=0.125, resnet_depth=34, ft_proj_selector=selector, zero_init_logits=True)
     assert model.supervised_head.linear.in_features == width
     assert torch.all(model.supervised_head.linear.weight == 0)
 
@@ -503,7 +503,7 @@ def test_build_errors_are_clear():
 
 
 def test_channels_last_and_bf16_autocast():
-    model = _small_model(depth=50, width_multiplier=0.125, sk_ratio=0.0625, cifar_stem=False, ft_proj_selector=0)
+    model = _small_model(resnet_depth=50, width_multiplier=0.125, sk_ratio=0.0625, cifar_stem=False, ft_proj_selector=0)
     _randomise_bn(model)
     model.eval()
     x = torch.rand(2, 3, 48, 48)

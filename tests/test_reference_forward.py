@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from simclrv2.models import build_resnet, build_simclrv2_model
-from simclrv2.models.official_keys import (
+from simclrv2.convert.official_keys import (
     CHECKPOINT_SUFFIX,
     is_model_variable_key,
     official_key_map,
@@ -26,8 +26,8 @@ from simclrv2.models.official_keys import (
 )
 
 FIXTURES = {
-    "A": ("forward_A_r18_w1_sk0.0625_cifar32", dict(depth=18, width_multiplier=1.0, sk_ratio=0.0625, cifar_stem=True)),
-    "B": ("forward_B_r50_w0.125_sk0_64", dict(depth=50, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=False)),
+    "A": ("forward_A_r18_w1_sk0.0625_cifar32", dict(resnet_depth=18, width_multiplier=1.0, sk_ratio=0.0625, cifar_stem=True)),
+    "B": ("forward_B_r50_w0.125_sk0_64", dict(resnet_depth=50, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=False)),
 }
 HEAD = dict(num_proj_layers=3, proj_out_dim=128, ft_proj_selector=0, num_classes=10)
 TRAIN_ATOL = {"A": 5e-4, "B": 1e-2}  # README: train-mode outputs are poorly conditioned in float32
@@ -178,7 +178,7 @@ def test_key_map_covers_full_size_r50(reference_dir, config):
     sk_ratio = 0.0625 if "sk1" in config else 0.0
     with torch.device("meta"):
         model = build_simclrv2_model(
-            depth=50, width_multiplier=1.0, sk_ratio=sk_ratio, cifar_stem=False, num_proj_layers=3,
+            resnet_depth=50, width_multiplier=1.0, sk_ratio=sk_ratio, cifar_stem=False, num_proj_layers=3,
             proj_out_dim=128, ft_proj_selector=0, num_classes=entry["num_classes"],
         )
     ckpt = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import simclrv2
 from simclrv2.config import PRESETS, ConfigError
 from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
-from simclrv2.export import model_config_of, save_safetensors
+from simclrv2.export import save_safetensors
 from simclrv2.models import build_simclrv2_model, count_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,8 @@ def test_official_names_and_the_package_presets_are_listed():
     assert simclrv2.list_models("r152_*_sk1") == ["r152_1x_sk1", "r152_2x_sk1", "r152_3x_sk1"]
     embedded = simclrv2.create_model("r18_0p25x_sk0_cifar")
     preset = PRESETS["embedded"]["pretrain"]["model"]
-    assert model_config_of(embedded) == {
-        "depth": preset["resnet_depth"], "width_multiplier": preset["width_multiplier"], "sk_ratio": preset["sk_ratio"],
+    assert {**asdict(embedded.spec), "mode": embedded.mode} == {
+        "resnet_depth": preset["resnet_depth"], "width_multiplier": preset["width_multiplier"], "sk_ratio": preset["sk_ratio"],
         "cifar_stem": preset["cifar_stem"], "num_proj_layers": 3, "proj_out_dim": 128, "ft_proj_selector": 1,
         "num_classes": 10, "mode": "pretrain"}
     assert embedded.image_size == 28
@@ -71,7 +72,7 @@ def test_unknown_names_and_options_fail_in_one_line():
     with pytest.raises(ConfigError, match=r"unknown model 'r50_1x_sk2'; close names: r50_1x_sk\d") as err:
         simclrv2.create_model("r50_1x_sk2")
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) widht_multiplier; choose from depth"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) widht_multiplier; choose from resnet_depth"):
         simclrv2.create_model("r50_1x_sk0", widht_multiplier=2)
 
 
@@ -82,9 +83,8 @@ def test_overrides_change_a_fresh_model():
 
 def _tiny_run(tmp_path: Path, **overrides) -> tuple[Path, torch.nn.Module]:
     model = simclrv2.create_model("r18_0p25x_sk0_cifar", **overrides)
-    config = model_config_of(model)
-    save_checkpoint(tmp_path / "run", {"stage": "pretrain", "model": model.state_dict(), "model_config": config,
-                                       "image_size": 28}, step=1, keep=1)
+    save_checkpoint(tmp_path / "run", {"stage": "pretrain", "model": model.state_dict(), "model_spec": asdict(model.spec),
+                                       "mode": model.mode, "image_size": 28}, step=1, keep=1)
     return tmp_path / "run", model.eval()
 
 
@@ -98,7 +98,7 @@ def test_pretrained_weights_must_hold_the_named_model(tmp_path):
         assert not model.training
         with torch.no_grad():
             torch.testing.assert_close(model.embed(x), trained.embed(x), rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match=r"holds a r18_0p25x_sk0_cifar model, not r50_1x_sk0: depth 18 "
+    with pytest.raises(CheckpointError, match=r"holds a r18_0p25x_sk0_cifar model, not r50_1x_sk0: resnet_depth 18 "
                                               r"\(wanted 50\), width_multiplier 0.25 \(wanted 1.0\)"):
         simclrv2.create_model("r50_1x_sk0", pretrained=str(run))
     with pytest.raises(CheckpointError, match=r"not r18_0p25x_sk0_cifar: num_classes 10 \(wanted 5\)"):

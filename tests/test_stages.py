@@ -59,7 +59,7 @@ def test_pretrain_writes_outputs_and_loss_falls(pretrained: Path) -> None:
     assert all(0 <= r["linear_eval_top1"] <= 100 for r in epochs)
     ckpt = load_checkpoint(pretrained / "checkpoints" / "last.pt")
     assert ckpt["stage"] == "pretrain" and ckpt["step"] == 61
-    assert ckpt["model_config"]["depth"] == 18 and ckpt["model_config"]["mode"] == "pretrain"
+    assert ckpt["model_spec"]["resnet_depth"] == 18 and ckpt["mode"] == "pretrain"
 
 
 def test_finetune_from_pretrained(pretrained: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -73,8 +73,8 @@ def test_finetune_from_pretrained(pretrained: Path, data_dir: Path, tmp_path: Pa
     losses = [r["sup_loss"] for r in read_metrics(run_dir, "step")]
     assert _mean(losses[-5:]) < _mean(losses[:5])
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["model_config"]["mode"] == "finetune" and ckpt["model_config"]["num_classes"] == 10
-    assert ckpt["model_config"]["ft_proj_selector"] == 1
+    assert ckpt["mode"] == "finetune" and ckpt["model_spec"]["num_classes"] == 10
+    assert ckpt["model_spec"]["ft_proj_selector"] == 1
     saved = json.loads((run_dir / "config.json").read_text())["model"]  # the checkpoint's network, not the preset's
     assert (saved["resnet_depth"], saved["width_multiplier"]) == (18, 0.125)
 
@@ -109,7 +109,7 @@ def test_distill_matches_teacher_and_keeps_it_frozen(pretrained: Path, data_dir:
     assert _mean(losses[-5:]) < _mean(losses[:5])
     assert all("sup_loss" in r for r in steps)
     student = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert student["model_config"]["depth"] == 18 and student["model_config"]["width_multiplier"] == 0.125
+    assert student["model_spec"]["resnet_depth"] == 18 and student["model_spec"]["width_multiplier"] == 0.125
     assert json.loads((run_dir / "eval.json").read_text())["num_examples"] == 40
 
 
@@ -121,7 +121,7 @@ def test_distill_into_a_smaller_student(pretrained: Path, data_dir: Path, tmp_pa
     _run("distill", "--checkpoint", teacher_dir, "--data-dir", data_dir, "--run-dir", run_dir, *FAST,
          "--train-batch-size", "32", "--train-steps", "2", "--student.resnet-depth", "18",
          "--student.width-multiplier", "0.0625", "--student.num-proj-layers", "2")
-    student = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model_config"]
+    student = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model_spec"]
     assert (student["width_multiplier"], student["num_proj_layers"]) == (0.0625, 2)
 
 

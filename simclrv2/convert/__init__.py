@@ -9,17 +9,18 @@ checkpoint format (stage ``"converted"``) that ``load_model``, ``evaluate``, ``f
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from simclrv2.engine.checkpoint import FORMAT_VERSION, atomic_save
-from simclrv2.models import SimCLRv2Model, build_simclrv2_model
-from simclrv2.models.official_keys import official_key_map, official_state_dict
+from simclrv2.models import ModelSpec, SimCLRv2Model
 
 from .architecture import ArchitectureError, infer_architecture
 from .errors import ConversionError
+from .official_keys import official_key_map, official_state_dict
 from .tf_checkpoint import OfficialVariables, read_official_variables
 
 __all__ = ["ConversionError", "convert_tf_checkpoint", "converted_checkpoint", "describe_architecture",
@@ -28,25 +29,25 @@ __all__ = ["ConversionError", "convert_tf_checkpoint", "converted_checkpoint", "
 CONVERTED_STAGE = "converted"
 
 
-def describe_architecture(arch: Dict[str, Any]) -> str:
+def describe_architecture(spec: ModelSpec) -> str:
     """One line such as ``R50 width 0.125, sk_ratio 0, standard stem; head 3 layers -> 128; 10 classes on hidden 0``."""
-    stem = "CIFAR" if arch["cifar_stem"] else ("ResNet-D" if arch["sk_ratio"] > 0 else "standard")
-    text = (f"R{arch['depth']} width {arch['width_multiplier']:g}, sk_ratio {arch['sk_ratio']:g}, {stem} stem; "
-            f"projection head {arch['num_proj_layers']} layers -> {arch['proj_out_dim']}")
-    if arch.get("num_classes"):
-        text += f"; supervised head {arch['num_classes']} classes on hidden {arch['ft_proj_selector']}"
+    stem = "CIFAR" if spec.cifar_stem else ("ResNet-D" if spec.sk_ratio > 0 else "standard")
+    text = (f"R{spec.resnet_depth} width {spec.width_multiplier:g}, sk_ratio {spec.sk_ratio:g}, {stem} stem; "
+            f"projection head {spec.num_proj_layers} layers -> {spec.proj_out_dim}")
+    if spec.num_classes:
+        text += f"; supervised head {spec.num_classes} classes on hidden {spec.ft_proj_selector}"
     return text
 
 
 def model_from_official_variables(variables: OfficialVariables,
-                                  ft_proj_selector: Optional[int] = None) -> Tuple[SimCLRv2Model, Dict[str, Any]]:
-    """(model in eval mode, architecture kwargs) with every official variable mapped exactly once."""
+                                  ft_proj_selector: Optional[int] = None) -> Tuple[SimCLRv2Model, ModelSpec]:
+    """(model in eval mode, its spec) with every official variable mapped exactly once."""
     try:
         arch = infer_architecture(variables.shapes, ft_proj_selector)
     except ArchitectureError as err:
         raise ConversionError(f"{variables.source}: {err}") from err
     with torch.device("meta"):  # no random init: every tensor is read from the checkpoint
-        model = build_simclrv2_model(**arch)
+        model = SimCLRv2Model.from_spec(arch)
     model = model.to_empty(device="cpu")
     for name, buffer in model.named_buffers():
         if name.endswith("num_batches_tracked"):
@@ -71,17 +72,18 @@ def model_from_official_variables(variables: OfficialVariables,
     return model.eval(), arch
 
 
-def converted_checkpoint(model: SimCLRv2Model, arch: Dict[str, Any], variables: OfficialVariables) -> Dict[str, Any]:
+def converted_checkpoint(model: SimCLRv2Model, arch: ModelSpec, variables: OfficialVariables) -> Dict[str, Any]:
     """The simclrv2 checkpoint of a converted model (format documented in ``engine/checkpoint.py``).
     ``image_size`` records 32 for the CIFAR stem and 224 otherwise, the official defaults."""
     return {
         "format_version": FORMAT_VERSION,
         "stage": CONVERTED_STAGE,
         "model": model.state_dict(),
-        "model_config": {**arch, "mode": "pretrain"},
+        "model_spec": asdict(arch),
+        "mode": "pretrain",
         "config": {"converted_from": str(Path(variables.source).resolve()), "source_format": variables.kind,
                    "source_global_step": variables.global_step},
-        "image_size": 32 if arch["cifar_stem"] else 224,
+        "image_size": 32 if arch.cifar_stem else 224,
         "classes": None,
         "metrics": {},
     }

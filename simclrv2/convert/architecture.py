@@ -2,7 +2,7 @@
 
 Input: ``{key: shape}`` for every model variable, keys as ``official_keys`` writes them (no
 ``/.ATTRIBUTES/VARIABLE_VALUE`` suffix) and shapes in TF layout (conv kernels HWIO, dense kernels
-(in, out)). Output: ``build_simclrv2_model`` keyword arguments. Everything is read from the keys
+(in, out)). Output: a ``ModelSpec``. Everything is read from the keys
 (official ``tf2/resnet.py`` and ``tf2/model.py`` layer lists):
 
 * stem: ``initial_conv_relu_max_pool/4`` exists -> ResNet-D stem; else a 3x3 first conv -> CIFAR
@@ -20,8 +20,9 @@ Input: ``{key: shape}`` for every model variable, keys as ``official_keys`` writ
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from simclrv2.models import ModelSpec
 from simclrv2.models.resnet import RESNET_SPECS, SK_MIN_DIM
 
 ENCODER = "model/resnet_model"
@@ -126,8 +127,8 @@ def _selector(hidden_dims: list, in_dim: int, requested: Optional[int]) -> int:
                             f"(widths {hidden_dims})")
 
 
-def infer_architecture(shapes: Shapes, ft_proj_selector: Optional[int] = None) -> Dict[str, Any]:
-    """``build_simclrv2_model`` kwargs for the model whose variables have these ``shapes``.
+def infer_architecture(shapes: Shapes, ft_proj_selector: Optional[int] = None) -> ModelSpec:
+    """The spec of the model whose variables have these ``shapes``.
 
     ``ft_proj_selector`` says which hidden the supervised head reads (official flag of the same
     name); by default 0 (the official default) when the widths allow it, else -1.
@@ -155,6 +156,6 @@ def infer_architecture(shapes: Shapes, ft_proj_selector: Optional[int] = None) -
         selector = _selector(hidden_dims, in_dim, ft_proj_selector)
     elif not -1 <= selector <= len(layers):
         raise ArchitectureError(f"--ft-proj-selector {selector} is outside the {len(layers)}-layer projection head")
-    return {"depth": depth, "width_multiplier": width, "sk_ratio": sk_ratio, "cifar_stem": cifar_stem,
-            "num_proj_layers": len(layers), "proj_out_dim": proj_out_dim, "ft_proj_selector": selector,
-            "num_classes": num_classes}
+    return ModelSpec(resnet_depth=depth, width_multiplier=width, sk_ratio=sk_ratio, cifar_stem=cifar_stem,
+                     num_proj_layers=len(layers), proj_out_dim=proj_out_dim, ft_proj_selector=selector,
+                     num_classes=num_classes)

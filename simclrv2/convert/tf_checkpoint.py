@@ -8,7 +8,7 @@ variables at its leaves. A checkpoint names each tensor by its first path in tha
 (``model/resnet_model/variables/17``), but its object graph still holds the structural edges.
 So both are read the same way: walk the object graph from ``model``, skipping Keras'
 bookkeeping edges (``variables``, ``keras_api``, ...), and key every variable by its structural
-path, the key ``simclrv2.models.official_keys`` uses. No TF model is built, and TensorFlow is not
+path, the key ``simclrv2.convert.official_keys`` uses. No TF model is built, and TensorFlow is not
 needed: ``tensor_bundle`` reads the files and ``protowire`` the object graph.
 """
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Checkpoints: atomic writes, keep-last-K rotation, safe loading and corrupt-file fallback.
 
-Format (``FORMAT_VERSION`` 2), a dict of tensors and plain Python values only, so that it loads
+Format (``FORMAT_VERSION`` 3), a dict of tensors and plain Python values only, so that it loads
 with ``torch.load(path, weights_only=True)``:
 
 ``format_version``  int
 ``stage``           "pretrain" | "finetune" | "distill" | "linear-eval"
 ``model``           the model's ``state_dict`` (no DDP/compile prefixes)
-``model_config``    architecture needed to rebuild the model (``build_simclrv2_model`` kwargs + mode)
+``model_spec``      the architecture, ``asdict`` of the model's :class:`~simclrv2.models.ModelSpec`
+``mode``            "pretrain" | "finetune", the model's forward mode
 ``config``          the run's resolved configuration
 ``optimizer``       optimiser state, ``step``/``epoch``/``batch_in_epoch`` the position reached,
                     ``images_per_step``/``steps_per_epoch`` the global batch and epoch length
@@ -14,6 +15,9 @@ with ``torch.load(path, weights_only=True)``:
                     generators (format 1 had one ``rng`` entry, rank 0's)
 ``state``           other state dicts (EMA model, memory queue, augmentation generator, ...)
 ``metrics``         the last logged metrics
+
+Format 2 recorded the architecture and mode together as ``model_config``, with ``depth`` for
+``resnet_depth``; :func:`read_model_record` still reads it.
 
 Files: ``checkpoints/ckpt-<step>.pt``, the newest also reachable as ``checkpoints/last.pt`` (a
 symbolic link, or a copy where links are not supported). A checkpoint never holds NaN or infinite
@@ -27,15 +31,18 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
 
-from simclrv2 import distributed as dist
+from simclrv2 import distributed
+from simclrv2.config import to_dict
+from simclrv2.models import ModelSpec, SimCLRv2Model
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKPOINT_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 _STEP_FILE = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -275,7 +282,7 @@ def latest_checkpoint_of_all_ranks(run_dir: Path, map_location: Any = "cpu") -> 
         found = latest_valid_checkpoint(run_dir, map_location)
         return None if found is None else found[0]
 
-    path = dist.decided_by_main(choose)
+    path = distributed.decided_by_main(choose)
     if path is None:
         return None
     problem = None
@@ -283,9 +290,9 @@ def latest_checkpoint_of_all_ranks(run_dir: Path, map_location: Any = "cpu") -> 
         try:
             found = path, load_checkpoint(path, map_location)
         except CheckpointError as err:
-            problem = (f"rank {dist.rank()} cannot read {path}, the checkpoint rank 0 resumes from ({err}); put "
+            problem = (f"rank {distributed.rank()} cannot read {path}, the checkpoint rank 0 resumes from ({err}); put "
                        "--run-dir on a filesystem that every node reads the same")
-    problems = [p for p in dist.all_gather_object(problem) if p]
+    problems = [p for p in distributed.all_gather_object(problem) if p]
     if problems:
         raise CheckpointError(problems[0])
     return found
@@ -296,7 +303,7 @@ def resolve_checkpoint(path_or_run_dir: str) -> Path:
     under a process group every rank must call it."""
     path = Path(path_or_run_dir)
     if path.is_dir():
-        return dist.decided_by_main(lambda: _newest_valid(path))
+        return distributed.decided_by_main(lambda: _newest_valid(path))
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist; pass a .pt file or a run folder")
     return path
@@ -338,3 +345,64 @@ def restore_rng(state: dict[str, Any]) -> None:
         cuda = cuda[index] if index < len(cuda) else None
     if cuda is not None:
         torch.cuda.set_rng_state(cuda)
+
+
+# ----------------------------------------------------------------------------- the model a checkpoint holds
+
+
+def checkpoint_meta(spec: ModelSpec, mode: str, cfg: Any, image_size: int, classes: Optional[list]) -> dict[str, Any]:
+    """What a stage's checkpoints record to rebuild its model and know its data."""
+    return {"model_spec": asdict(spec), "mode": mode, "config": to_dict(cfg), "image_size": image_size,
+            "classes": list(classes) if classes else None}
+
+
+def read_model_record(ckpt: dict[str, Any]) -> Optional[tuple[ModelSpec, str]]:
+    """(architecture, mode) a checkpoint records, or None where it records none."""
+    if "model_spec" in ckpt:
+        return ModelSpec(**ckpt["model_spec"]), ckpt.get("mode", "pretrain")
+    if ckpt.get("model_config"):
+        return read_format2_model_config(ckpt["model_config"])
+    return None
+
+
+def read_format2_model_config(config: dict[str, Any]) -> tuple[ModelSpec, str]:
+    """Format 2's ``model_config``: the builder's arguments of then (``depth``, and in early
+    checkpoints ``zero_init_logits``, an initialisation choice) with the mode."""
+    fields = dict(config)
+    mode = fields.pop("mode", "pretrain")
+    fields.pop("zero_init_logits", None)
+    fields["resnet_depth"] = fields.pop("depth")
+    return ModelSpec(**fields), mode
+
+
+def load_model(path_or_run: str, num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights (safely).
+
+    ``num_classes`` replaces the supervised head with a new one of that size (the checkpoint's own
+    head is then not loaded, as the official fine-tuning excludes ``head_supervised``).
+    """
+    path = resolve_checkpoint(path_or_run)
+    ckpt = load_checkpoint(path)
+    try:
+        record = read_model_record(ckpt)
+    except (TypeError, KeyError) as err:
+        raise CheckpointError(f"{path} records an architecture this simclrv2 cannot read ({err})") from None
+    if record is None:
+        raise CheckpointError(f"{path} records no model_spec; was it written by simclrv2?")
+    spec, mode = record
+    state = ckpt["model"]
+    if num_classes is not None and num_classes != spec.num_classes:
+        spec = replace(spec, num_classes=num_classes)
+        state = {k: v for k, v in state.items() if not k.startswith("supervised_head.")}
+    model = SimCLRv2Model.from_spec(spec)
+    model.mode = mode
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{path} does not fit its recorded architecture: {detail}") from None
+    missing = [k for k in missing if not k.startswith("supervised_head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit its recorded architecture: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return model, ckpt

@@ -1,5 +1,6 @@
-"""Reports: the pipeline's top-1/top-5 table (JSON, Markdown, PNG) and, for any run folder,
-training curves from ``metrics.jsonl`` plus one self-contained HTML page (``report.html``)."""
+"""Reports: the one-screen summary each stage prints at its end, the pipeline's top-1/top-5 table
+(JSON, Markdown, PNG) and, for any run folder, training curves from ``metrics.jsonl`` plus one
+self-contained HTML page (``report.html``)."""
 from __future__ import annotations
 
 import base64
@@ -15,6 +16,27 @@ from simclrv2.engine.logging import METRICS_FILE, read_metrics
 
 STAGE_LABELS = {"baseline": "Supervised baseline", "linear_eval": "Linear eval (pretrained)",
                 "finetuned": "Fine-tuned (teacher)", "distilled": "Distilled (student)"}
+
+
+_SHOWN = ("step", "epoch", "loss", "contrast_acc", "sup_acc", "linear_eval_top1", "top1", "top5",
+          "images_per_s", "skipped_steps", "wall_time_s")
+
+
+def format_summary(stage: str, run_dir: Path, metrics: dict[str, Any], runtime: dict[str, Any]) -> str:
+    """A short, aligned block: what ran where, the headline metrics and the output folder."""
+    lines = [f"== {stage} done " + "=" * max(0, 50 - len(stage))]
+    for key in _SHOWN:
+        if key in metrics:
+            value = metrics[key]
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<18} {text}")
+    lines.append("  " + ", ".join(f"{k}={v}" for k, v in runtime.items()))
+    lines.append(f"  outputs            {run_dir} (config.json, metrics.jsonl, checkpoints/)")
+    return "\n".join(lines)
+
+
+def print_summary(stage: str, run_dir: Path, metrics: dict[str, Any], runtime: dict[str, Any]) -> None:
+    print(format_summary(stage, run_dir, metrics, runtime), flush=True)
 
 
 def write_text(path: Path, text: str) -> None:

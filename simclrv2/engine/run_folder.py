@@ -30,7 +30,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from simclrv2.config import ConfigError, flag_name
+from simclrv2 import distributed
+from simclrv2.config import ConfigError, flag_name, to_dict
 from simclrv2.engine.checkpoint import atomic_write
 
 LOCK_FILE = "run.lock"
@@ -152,6 +153,30 @@ def claim(run_dir: Path, command: str, config: dict[str, Any], inputs: dict[str,
         lock.release()
         raise
     _HELD.append(lock)
+
+
+def name_run_dir(run_dir: Optional[str], command: str, is_main: bool) -> Path:
+    """``--run-dir``, else ``runs/<command>-<time>``: one name for all ranks, announced by the main one."""
+    if run_dir is None:
+        stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = str(Path("runs") / f"{command}-{stamp}")
+        if is_main:
+            print(f"writing to {run_dir}")
+    return Path(run_dir)
+
+
+def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], is_main: bool,
+                     trains: bool = False) -> None:
+    """:func:`claim` on the main rank (only it locks); every rank raises its verdict."""
+    error = None
+    if is_main:
+        try:
+            claim(run_dir, command, to_dict(cfg), inputs, trains)
+        except ConfigError as err:
+            error = err
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def check_foreign(run_dir: Path, trains: bool) -> None:

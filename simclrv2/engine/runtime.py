@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from simclrv2 import distributed as dist
+from simclrv2 import distributed
 from simclrv2.config import ConfigError, RuntimeConfig
 
 
@@ -122,9 +122,9 @@ def default_threads() -> int:
 def join_process_group(device_name: str) -> tuple[torch.device, int, int]:
     """``(device, rank, world)`` of this process; under torchrun it joins the process group on
     that device (a second call returns the existing group's values)."""
-    _, local_rank, world = dist.launch_env()
+    _, local_rank, world = distributed.launch_env()
     device = pick_device(device_name, local_rank, world)
-    rank, _, world = dist.init_distributed(device)
+    rank, _, world = distributed.init_distributed(device)
     return device, rank, world
 
 
@@ -156,7 +156,7 @@ def convert_global_bn(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return dist.convert_global_batchnorm(model)
+    return distributed.convert_global_batchnorm(model)
 
 
 def _no_forward_buffer_sync() -> dict[str, bool]:

@@ -17,19 +17,19 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
 
-from simclrv2 import distributed as dist
+from simclrv2 import distributed
 from simclrv2.config import RuntimeConfig, save_config
 from simclrv2.data.loader import worker_died
 from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteState, atomic_write, capture_rng,
-                                        latest_checkpoint_of_all_ranks, remove_stale_temp_files, restore_rng,
-                                        save_checkpoint, step_checkpoints)
+                                        latest_checkpoint_of_all_ranks, read_model_record, remove_stale_temp_files,
+                                        restore_rng, save_checkpoint, step_checkpoints)
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 
@@ -196,7 +196,9 @@ def _optimizer_flag(meta: dict[str, Any]) -> Optional[str]:
 def _check_same_setup(path: Path, ckpt: dict[str, Any], task: TrainTask) -> None:
     """Refuse a resume whose model or optimiser differs from the checkpoint's: PyTorch reports the
     mismatch as a 100-line traceback, or, between optimisers with alike parameter groups, not at all."""
-    saved, now = ckpt.get("model_config") or {}, task.checkpoint_meta.get("model_config") or {}
+    record, meta = read_model_record(ckpt), task.checkpoint_meta
+    saved = {**asdict(record[0]), "mode": record[1]} if record else {}
+    now = {**meta["model_spec"], "mode": meta.get("mode")} if "model_spec" in meta else {}
     changed = [f"{key} {value}, this run {now[key]}" for key, value in saved.items()
                if key in now and now[key] != value]
     if changed:
@@ -320,7 +322,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
 
     def save() -> None:
         """Rank 0 writes; every rank learns whether it could, and all stop together if not."""
-        ranks = dist.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
+        ranks = distributed.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
         failure = None
         if rt.is_main:
             state = _checkpoint_state(task, step, epoch, batch_in_epoch, last, skipped, scaler, ranks)
@@ -334,7 +336,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                                      f"({err.strerror or err}); free disk space (or lower --keep-checkpoint-max) "
                                      f"or fix the folder's permissions, then rerun the same command to resume: "
                                      f"{_kept_checkpoint(run_dir)}")
-        failure = dist.broadcast_object(failure)
+        failure = distributed.broadcast_object(failure)
         if failure is not None:
             raise failure
 
@@ -399,7 +401,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     save()
             if batch_in_epoch:
                 save()
-        dist.barrier()  # later readers (the next stage, other ranks) see the final checkpoint
+        distributed.barrier()  # later readers (the next stage, other ranks) see the final checkpoint
     except RuntimeError as err:
         if not worker_died(err):
             raise

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from simclrv2 import distributed as D
+from simclrv2 import distributed
 
 LARGE_NUM = 1e9
 """Amount subtracted from self-similarity logits (``LARGE_NUM`` in tf2/objective.py)."""
@@ -48,7 +48,7 @@ def _two_view_ce(
     The positive of local row ``i`` is column ``rank*b + i``.
     """
     b = q1.shape[0]
-    labels = torch.arange(b, device=q1.device) + D.rank() * b
+    labels = torch.arange(b, device=q1.device) + distributed.rank() * b
     mask = F.one_hot(labels, k1.shape[0]).to(q1.dtype) * LARGE_NUM
     logits_aa = q1 @ k1.t() / temperature - mask
     logits_bb = q2 @ k2.t() / temperature - mask
@@ -100,7 +100,7 @@ def nt_xent(
         h1, h2 = h1.to(dtype), h2.to(dtype)
         if normalize:
             h1, h2 = l2_normalize(h1), l2_normalize(h2)
-        k1, k2 = D.all_gather_with_grad(h1), D.all_gather_with_grad(h2)
+        k1, k2 = distributed.all_gather_with_grad(h1), distributed.all_gather_with_grad(h2)
         return _two_view_ce(h1, h2, k1, k2, temperature, None)
 
 
@@ -147,7 +147,7 @@ def moco_contrastive_loss(
         k1, k2 = k1.detach().to(dtype), k2.detach().to(dtype)
         if normalize:
             q1, q2, k1, k2 = (l2_normalize(t) for t in (q1, q2, k1, k2))
-        k1, k2 = D.all_gather_nograd(k1), D.all_gather_nograd(k2)
+        k1, k2 = distributed.all_gather_nograd(k1), distributed.all_gather_nograd(k2)
         extra = None if queue is None else queue.detach().to(dtype)
         return _two_view_ce(q1, q2, k1, k2, temperature, extra)
 

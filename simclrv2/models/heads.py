@@ -49,6 +49,7 @@ class ProjectionHead(nn.Module):
             raise ValueError(f"num_layers must be >= 0 (0 = identity head), got {num_layers}")
         self.in_dim = in_dim
         self.num_layers = num_layers
+        self.proj_out_dim = out_dim  # as requested; the identity head's output keeps the input width
         self.out_dim = out_dim if num_layers > 0 else in_dim
         self.layers = nn.ModuleList()
         for j in range(num_layers):

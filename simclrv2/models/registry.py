@@ -18,22 +18,21 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
-import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Optional
 
-from .simclr import SimCLRv2Model, build_simclrv2_model
+from .simclr import ModelSpec, SimCLRv2Model
 
 OFFICIAL_SK_RATIO = 0.0625  # official --sk_ratio of the SK models (paper section 2)
-ENCODER_KEYS = ("depth", "width_multiplier", "sk_ratio", "cifar_stem")
-BUILD_KEYS = tuple(inspect.signature(build_simclrv2_model).parameters)
+ENCODER_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "cifar_stem")  # what a name fixes
+OPTIONS = tuple(f.name for f in fields(ModelSpec)) + ("zero_init_logits",)
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A named architecture: ``build_simclrv2_model`` kwargs and the image size it is made for."""
+    """A named architecture and the image size it is made for."""
 
-    kwargs: dict
+    spec: ModelSpec
     image_size: int
     about: str
 
@@ -43,21 +42,20 @@ def _official_entries() -> dict[str, ModelEntry]:
     for depth in (50, 101, 152):
         for width in (1, 2, 3):
             for sk in (0, 1):
-                kwargs = dict(depth=depth, width_multiplier=float(width), sk_ratio=OFFICIAL_SK_RATIO if sk else 0.0,
-                              cifar_stem=False, num_proj_layers=3, proj_out_dim=128, ft_proj_selector=0,
-                              num_classes=1000)
+                spec = ModelSpec(resnet_depth=depth, width_multiplier=float(width),
+                                 sk_ratio=OFFICIAL_SK_RATIO if sk else 0.0, cifar_stem=False, num_proj_layers=3,
+                                 proj_out_dim=128, ft_proj_selector=0, num_classes=1000)
                 about = f"official SimCLRv2 ResNet-{depth} {width}x{' with selective kernels' if sk else ''}, ImageNet"
-                entries[f"r{depth}_{width}x_sk{sk}"] = ModelEntry(kwargs, 224, about)
+                entries[f"r{depth}_{width}x_sk{sk}"] = ModelEntry(spec, 224, about)
     return entries
 
 
 def _preset_entry(preset: str, image_size: int, num_classes: int, about: str) -> ModelEntry:
     """The model a preset trains (its pretraining ``ModelConfig``), built as the stages build it."""
     from simclrv2.config import PRESETS, ModelConfig
-    from simclrv2.stages.common import model_kwargs
 
     model = ModelConfig(**PRESETS[preset]["pretrain"]["model"])
-    return ModelEntry(model_kwargs(model, image_size, num_classes), image_size, about)
+    return ModelEntry(model.spec(image_size, num_classes), image_size, about)
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,10 +86,10 @@ def model_entry(name: str) -> ModelEntry:
     return registry[name]
 
 
-def name_of(config: dict) -> Optional[str]:
-    """The registered name whose encoder ``config`` (``build_simclrv2_model`` kwargs) has, if any."""
+def name_of(spec: ModelSpec) -> Optional[str]:
+    """The registered name whose encoder ``spec`` has, if any."""
     return next((name for name, entry in _registry().items()
-                 if all(entry.kwargs[k] == config.get(k) for k in ENCODER_KEYS)), None)
+                 if all(getattr(entry.spec, k) == getattr(spec, k) for k in ENCODER_FIELDS)), None)
 
 
 def create_model(name: str, pretrained: Optional[str] = None, **overrides: Any) -> SimCLRv2Model:
@@ -102,12 +100,13 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides: Any) 
     from simclrv2.config import ConfigError
 
     entry = model_entry(name)
-    unknown = sorted(set(overrides) - set(BUILD_KEYS))
+    unknown = sorted(set(overrides) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
-                          f"choose from {', '.join(BUILD_KEYS)}")
+                          f"choose from {', '.join(OPTIONS)}")
     if pretrained is None:
-        model = build_simclrv2_model(**{**entry.kwargs, **overrides})
+        zero_init_logits = overrides.pop("zero_init_logits", False)
+        model = SimCLRv2Model.from_spec(replace(entry.spec, **overrides), zero_init_logits)
         model.image_size = entry.image_size
         return model
     from simclrv2.api import load
@@ -120,14 +119,13 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides: Any) 
 def _check_pretrained(name: str, entry: ModelEntry, overrides: dict, pretrained: str, model: SimCLRv2Model) -> None:
     """Fail in one line when the weights hold another encoder than ``name`` or disagree with an override."""
     from simclrv2.engine.checkpoint import CheckpointError
-    from simclrv2.export import model_config_of
 
-    recorded = model_config_of(model)
-    wanted = {**{k: entry.kwargs[k] for k in ENCODER_KEYS}, **overrides}
+    recorded = asdict(model.spec)
+    wanted = {**{k: getattr(entry.spec, k) for k in ENCODER_FIELDS}, **overrides}
     wanted.pop("zero_init_logits", None)  # an initialisation choice: loaded weights have none
     differ = [f"{k} {recorded.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if recorded.get(k) != v]
     if differ:
-        actual = name_of(recorded)
+        actual = name_of(model.spec)
         which = f"a {actual} model" if actual else "another model"
         raise CheckpointError(f"pretrained {pretrained} holds {which}, not {name}: {', '.join(differ)}; "
                               f"use the matching name or drop the override")

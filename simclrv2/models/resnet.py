@@ -20,7 +20,7 @@ The layer semantics follow the official TensorFlow code, not torchvision:
 ReLUs and the residual add run in place on the fresh BN outputs (never on a block's input),
 which spares two activation-sized allocations per block: ~7 % faster training steps on CPU.
 
-Module names (kept close to torchvision so weights can be mapped; see ``official_keys.py`` for
+Module names (kept close to torchvision so weights can be mapped; see ``convert/official_keys.py`` for
 the TF checkpoint keys)::
 
     stem.conv1, stem.bn1                 standard 7x7/2 stem or CIFAR 3x3/1 stem

@@ -6,6 +6,8 @@ The official model concatenates the augmented views along the batch inside ``__c
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -15,6 +17,24 @@ from .heads import ProjectionHead, SupervisedHead
 from .resnet import ResNet, build_resnet
 
 MODES = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A SimCLRv2 architecture: what checkpoints, exports and conversions record to rebuild a model.
+
+    The fields are the model options of the command line (``--resnet-depth``, ...), with the CIFAR
+    stem decided and ``num_classes`` the supervised head's size (None: no supervised head).
+    """
+
+    resnet_depth: int = 50
+    width_multiplier: float = 1.0
+    sk_ratio: float = 0.0
+    cifar_stem: bool = False
+    num_proj_layers: int = 3
+    proj_out_dim: int = 128
+    ft_proj_selector: int = 1
+    num_classes: Optional[int] = None
 
 
 class SimCLRv2Model(nn.Module):
@@ -48,6 +68,26 @@ class SimCLRv2Model(nn.Module):
         self.supervised_head = supervised_head
         self.mode = mode
         self.image_size: Optional[int] = None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, zero_init_logits: bool = False) -> "SimCLRv2Model":
+        """Builds ``spec`` in ``"pretrain"`` mode; the supervised head (if ``num_classes``) takes the
+        hidden selected by ``ft_proj_selector`` as input, as the official lazily built head does."""
+        encoder = build_resnet(spec.resnet_depth, spec.width_multiplier, spec.sk_ratio, spec.cifar_stem)
+        head = ProjectionHead(encoder.out_dim, spec.num_proj_layers, spec.proj_out_dim, spec.ft_proj_selector)
+        supervised = None if spec.num_classes is None else SupervisedHead(head.finetune_dim, spec.num_classes,
+                                                                           zero_init_logits)
+        return cls(encoder, head, supervised)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The architecture of this model as it is now (the selector and classifier may have changed)."""
+        encoder, head = self.encoder, self.projection_head
+        if encoder.depth is None:
+            raise ValueError("the encoder was not built by build_resnet (unknown depth); cannot describe it")
+        return ModelSpec(encoder.depth, encoder.width_multiplier, encoder.sk_ratio, encoder.cifar_stem, head.num_layers,
+                         head.proj_out_dim, head.ft_proj_selector,
+                         None if self.supervised_head is None else self.supervised_head.linear.out_features)
 
     @property
     def mode(self) -> str:
@@ -89,20 +129,35 @@ class SimCLRv2Model(nn.Module):
         return projection, logits
 
 
-def build_simclrv2_model(
-    depth: int = 50,
-    width_multiplier: float = 1.0,
-    sk_ratio: float = 0.0,
-    cifar_stem: bool = False,
-    num_proj_layers: int = 3,
-    proj_out_dim: int = 128,
-    ft_proj_selector: int = 1,
-    num_classes: Optional[int] = None,
-    zero_init_logits: bool = False,
-) -> SimCLRv2Model:
-    """Builds the model in ``"pretrain"`` mode; the supervised head (if ``num_classes``) takes the
-    hidden selected by ``ft_proj_selector`` as input, as the official lazily built head does."""
-    encoder = build_resnet(depth, width_multiplier, sk_ratio, cifar_stem)
-    head = ProjectionHead(encoder.out_dim, num_proj_layers, proj_out_dim, ft_proj_selector)
-    supervised = None if num_classes is None else SupervisedHead(head.finetune_dim, num_classes, zero_init_logits)
-    return SimCLRv2Model(encoder, head, supervised)
+def build_simclrv2_model(*, zero_init_logits: bool = False, **spec: object) -> SimCLRv2Model:
+    """``SimCLRv2Model.from_spec(ModelSpec(**spec))``: the model by its :class:`ModelSpec` fields."""
+    return SimCLRv2Model.from_spec(ModelSpec(**spec), zero_init_logits)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An inference-only copy (teacher, momentum encoder start)."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def freeze_for_finetuning(model: SimCLRv2Model, fine_tune_after_block: int) -> None:
+    """Freeze what fine-tuning does not train (official ``fine_tune_after_block`` and selector).
+
+    -1 trains the whole network; 0 freezes the stem; k in 1..4 also freezes block groups 1..k.
+    Head layers above ``ft_proj_selector`` are unused in fine-tuning and frozen too.
+    """
+    encoder = model.encoder
+    frozen: list[nn.Module] = []
+    if fine_tune_after_block >= 0:
+        frozen.append(encoder.stem)
+    frozen += [getattr(encoder, f"layer{i}") for i in range(1, fine_tune_after_block + 1)]
+    head = model.projection_head
+    selector = head.num_layers if head.ft_proj_selector == -1 else head.ft_proj_selector
+    if fine_tune_after_block == 4:
+        frozen += list(head.layers[:selector])
+    frozen += list(head.layers[selector:])
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)

@@ -8,46 +8,44 @@ labelled images adds ``(1 - alpha)`` of the usual cross-entropy (paper equation 
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from simclrv2.config import (ConfigError, DistillConfig, check_range, validate_architecture, validate_selector,
+                             validate_training, validate_world)
 from simclrv2.data import batches as B
-from simclrv2.config import ConfigError, DistillConfig
+from simclrv2.data.splits import labelled_train_set, load_split, take_subset
+from simclrv2.engine.checkpoint import checkpoint_meta
+from simclrv2.engine.evaluation import evaluate_model
+from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders, write_json
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
-from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
 from simclrv2.losses import distillation_loss
-from simclrv2.models import build_simclrv2_model
+from simclrv2.models import ModelSpec, SimCLRv2Model, freeze_for_finetuning, frozen_copy
+from simclrv2.optim.factory import build_optimizer, labelled_loss_weight_decay, make_schedule
 from simclrv2.stages import common as C
-from simclrv2.stages.finetune import evaluate_model
-
-_STUDENT_KEYS = {"resnet_depth": "depth", "width_multiplier": "width_multiplier", "sk_ratio": "sk_ratio",
-                 "num_proj_layers": "num_proj_layers", "ft_proj_selector": "ft_proj_selector"}
 
 
 def validate(cfg: DistillConfig, prefix: str = "") -> None:
     """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``distill.``)."""
     if cfg.checkpoint is None:
         raise ConfigError("--checkpoint is required: the fine-tuned teacher (a .pt file or a run folder)")
-    C.validate_training(cfg, prefix)
+    validate_training(cfg, prefix)
     s = cfg.student
-    C.validate_architecture(f"{prefix}student.", s.resnet_depth, s.width_multiplier, s.sk_ratio, s.num_proj_layers)
-    C.check_range(f"--{prefix}distill-temperature", cfg.distill_temperature, 0, low_open=True)
-    C.check_range(f"--{prefix}distill-alpha", cfg.distill_alpha, 0, 1)
+    validate_architecture(f"{prefix}student.", s.resnet_depth, s.width_multiplier, s.sk_ratio, s.num_proj_layers)
+    check_range(f"--{prefix}distill-temperature", cfg.distill_temperature, 0, low_open=True)
+    check_range(f"--{prefix}distill-alpha", cfg.distill_alpha, 0, 1)
 
 
-def student_kwargs(cfg: DistillConfig, teacher_kwargs: dict[str, Any]) -> dict[str, Any]:
+def student_spec(cfg: DistillConfig, teacher: ModelSpec) -> ModelSpec:
     """The teacher's architecture with the student options that were set."""
-    kwargs = {k: v for k, v in teacher_kwargs.items() if k != "mode"}
-    for option, key in _STUDENT_KEYS.items():
-        value = getattr(cfg.student, option)
-        if value is not None:
-            kwargs[key] = value
-    C.validate_selector(kwargs["ft_proj_selector"], kwargs["num_proj_layers"], "--student.ft-proj-selector")
-    return kwargs
+    spec = replace(teacher, **{k: v for k, v in asdict(cfg.student).items() if v is not None})
+    validate_selector(spec.ft_proj_selector, spec.num_proj_layers, "--student.ft-proj-selector")
+    return spec
 
 
 def _initialise_student(student: torch.nn.Module, checkpoint: str) -> dict[str, Any]:
@@ -69,7 +67,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     """Distill the teacher into the student, evaluate the student and return the metrics."""
     validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_world(cfg.optim, rt)
+    validate_world(cfg.optim, rt)
     inputs: dict[str, Any] = {}
     teacher, teacher_ckpt, inputs["checkpoint"] = C.load_input(cfg.checkpoint)
     if teacher.supervised_head is None:
@@ -79,30 +77,28 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
                       "frozen or stop-gradient features, not the fine-tuned teacher the paper distils; run "
                       "simclrv2 finetune on it first")
     teacher.mode = "finetune"
-    unlabeled = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data,
-                              cfg.runtime.seed)
+    unlabeled = take_subset(load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data,
+                            cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, unlabeled)
-    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)  # the teacher's classes are the student's
+    eval_set = load_split(cfg.data, cfg.data.eval_split, image_size)  # the teacher's classes are the student's
     C.check_classes(teacher_ckpt.get("classes"), teacher.supervised_head.linear.out_features, eval_set.classes,
                     cfg.checkpoint)
     use_labels = cfg.distill_alpha < 1.0
     labelled = None
     if use_labels:
-        _, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
-    kwargs = student_kwargs(cfg, teacher_ckpt["model_config"])
-    kwargs["num_classes"] = teacher.supervised_head.linear.out_features
-    student = build_simclrv2_model(**kwargs)
+        _, labelled = labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
+    student = SimCLRv2Model.from_spec(student_spec(cfg, teacher.spec))
     if cfg.student_init:
         inputs["student_init"] = _initialise_student(student, cfg.student_init)
     student.mode = "finetune"
-    C.freeze_for_finetuning(student, -1)
-    run_dir = C.start_run(cfg, "distill", rt, inputs)
-    teacher = C.frozen_copy(teacher).to(rt.device).eval()
+    freeze_for_finetuning(student, -1)
+    run_dir, cfg = C.start_run(cfg, "distill", rt, inputs)
+    teacher = frozen_copy(teacher).to(rt.device).eval()
     if rt.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     net = prepare_model(student, rt, cfg.runtime.global_bn, cfg.runtime.compile)
-    optimizer = C.build_optimizer(student, cfg.optim)
-    lr_fn, total_steps = C.make_schedule(cfg.optim, len(unlabeled))
+    optimizer = build_optimizer(student, cfg.optim)
+    lr_fn, total_steps = make_schedule(cfg.optim, len(unlabeled))
     local_batch = C.local_batch_size(cfg.optim, rt)
     crops, augment = B.crop_flip_inputs(unlabeled, image_size)
     batches = B.train_batches(crops, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
@@ -131,12 +127,12 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             sup = F.cross_entropy(l_logits.float(), l_labels.to(l_logits.device))
             metrics["sup_loss"] = sup.detach()
             loss = loss + (1.0 - alpha) * sup
-        return loss + C.labelled_loss_weight_decay(student, cfg.optim), metrics
+        return loss + labelled_loss_weight_decay(student, cfg.optim), metrics
 
     task = TrainTask(
         stage="distill", model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
         total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
-        checkpoint_meta=C.checkpoint_meta(kwargs, "finetune", cfg, image_size, teacher_ckpt.get("classes")),
+        checkpoint_meta=checkpoint_meta(student.spec, student.mode, cfg, image_size, teacher_ckpt.get("classes")),
         stateful={"augment_rng": GeneratorState(generator)})
     metrics = train(task, rt, cfg.runtime, run_dir)
     result = evaluate_model(net, cfg.data, image_size, rt, eval_set)

@@ -9,19 +9,23 @@ gives a slightly lower number than training through augmented views.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from simclrv2.config import ConfigError, LinearEvalConfig, validate_selector, validate_training, validate_world
 from simclrv2.data import batches as B
-from simclrv2.config import ConfigError, LinearEvalConfig
+from simclrv2.data.splits import labelled_train_set, load_split
+from simclrv2.engine.checkpoint import checkpoint_meta
 from simclrv2.engine.evaluation import evaluate_classifier, extract_features
+from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders, write_json
 from simclrv2.engine.runtime import Runtime, describe, setup_runtime
-from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import TrainTask, train
 from simclrv2.models import SupervisedHead
+from simclrv2.optim.factory import build_optimizer, make_schedule
 from simclrv2.stages import common as C
 
 
@@ -39,7 +43,7 @@ def validate(cfg: LinearEvalConfig, prefix: str = "") -> None:
     ``--ft-proj-selector`` is checked against the checkpoint's head."""
     if cfg.checkpoint is None:
         raise ConfigError("--checkpoint is required: the pretrained model to evaluate (a .pt file or a run folder)")
-    C.validate_training(cfg, prefix)
+    validate_training(cfg, prefix)
 
 
 @releases_run_folders
@@ -48,13 +52,13 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
     classifier is new, so the checkpoint's classes need not match the data's."""
     validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_world(cfg.optim, rt)
-    model, ckpt, identity = C.load_input(cfg.checkpoint)
-    C.validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
-    full, labelled = C.labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
+    validate_world(cfg.optim, rt)
+    model, _, identity = C.load_input(cfg.checkpoint)
+    validate_selector(cfg.ft_proj_selector, model.projection_head.num_layers)
+    full, labelled = labelled_train_set(cfg.data, cfg.labels, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, full)
-    C.fit_batch_to_data(cfg.optim, len(labelled), rt)
-    run_dir = C.start_run(cfg, "linear-eval", rt, {"checkpoint": identity})
+    cfg = replace(cfg, optim=C.fit_batch_to_data(cfg.optim, len(labelled), rt))
+    run_dir, cfg = C.start_run(cfg, "linear-eval", rt, {"checkpoint": identity})
 
     model = model.to(rt.device).eval()
     if rt.channels_last:
@@ -63,13 +67,13 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
     one_rank = Runtime(rt.device, rt.dtype, rt.channels_last, 0, 1)
     train_x, train_y = _features(model, cfg.ft_proj_selector, labelled, cfg.data.eval_batch_size, one_rank, image_size,
                                  cfg.data.num_workers)
-    eval_set = C.load_split(cfg.data, cfg.data.eval_split, image_size)
+    eval_set = load_split(cfg.data, cfg.data.eval_split, image_size)
     eval_x, eval_y = _features(model, cfg.ft_proj_selector, eval_set, cfg.data.eval_batch_size, one_rank, image_size,
                                cfg.data.num_workers)
 
     classifier = SupervisedHead(train_x.shape[1], len(full.classes), zero_init=True).to(rt.device)
-    optimizer = C.build_optimizer(classifier, cfg.optim)
-    lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
+    optimizer = build_optimizer(classifier, cfg.optim)
+    lr_fn, total_steps = make_schedule(cfg.optim, len(labelled))
     batches = B.TensorBatches(train_x, train_y, cfg.optim.train_batch_size, seed=cfg.runtime.seed, device=rt.device)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -78,11 +82,10 @@ def run(cfg: LinearEvalConfig) -> dict[str, Any]:
         loss = F.cross_entropy(logits.float(), y)
         return loss, {"sup_acc": (logits.detach().argmax(1) == y).float().mean()}
 
-    kwargs = {k: v for k, v in ckpt["model_config"].items() if k != "mode"}
     task = TrainTask(
         stage="linear-eval", model=classifier, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
         total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
-        checkpoint_meta={**C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, full.classes),
+        checkpoint_meta={**checkpoint_meta(model.spec, "pretrain", cfg, image_size, full.classes),
                          "feature_selector": cfg.ft_proj_selector})
     metrics = train(task, rt, cfg.runtime, run_dir)  # identical on every rank; rank 0 writes
     classifier.eval()

@@ -15,14 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from simclrv2 import distributed as D
-from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config
+from simclrv2 import distributed
+from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config, validate_data, validate_runtime
 from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
-from simclrv2.engine.run_folder import StaleInputs, releases_run_folders, set_aside
+from simclrv2.engine.run_folder import StaleInputs, claim_run_folder, name_run_dir, releases_run_folders, set_aside
 from simclrv2.engine.runtime import join_process_group
 from simclrv2.stages import distill, finetune, linear_eval, pretrain
-from simclrv2.stages.common import claim_run_folder, validate_data, validate_runtime
 
 STAGE_KEYS = ("baseline", "linear_eval", "finetuned", "distilled")
 
@@ -46,12 +45,7 @@ def _label_settings(cfg: PipelineConfig) -> list[tuple[Optional[str], LabelConfi
 
 def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **fields: Any) -> Any:
     """A stage's config with the pipeline's data and runtime and its own sub-folder."""
-    out = copy.deepcopy(stage_cfg)
-    out.data = copy.deepcopy(cfg.data)
-    out.runtime = replace(cfg.runtime, run_dir=str(run_dir / name))
-    for key, value in fields.items():
-        setattr(out, key, value)
-    return out
+    return replace(stage_cfg, data=cfg.data, runtime=replace(cfg.runtime, run_dir=str(run_dir / name)), **fields)
 
 
 def _label_stages(cfg: PipelineConfig, run_dir: Path, labels: LabelConfig, folder: str) -> dict[str, Any]:
@@ -70,7 +64,7 @@ def _label_stages(cfg: PipelineConfig, run_dir: Path, labels: LabelConfig, folde
                               checkpoint=str(stage_dir / "finetune"),
                               student_init=pretrained if self_distillation else None),
         "baseline": _stage_cfg(cfg.baseline, cfg, stage_dir, "baseline", labels=labels, checkpoint=None,
-                               model=copy.deepcopy(cfg.pretrain.model)),
+                               model=cfg.pretrain.model),
     }
 
 
@@ -98,11 +92,11 @@ def _run_stage(run: Callable[..., dict[str, Any]], cfg: Any, **kwargs: Any) -> d
     try:
         return run(copy.deepcopy(cfg), **kwargs)
     except StaleInputs as err:
-        if D.is_main():
+        if distributed.is_main():
             kept = set_aside(Path(cfg.runtime.run_dir))
             print(f"note: {cfg.runtime.run_dir} started from other inputs ({'; '.join(err.changes)}); kept it as "
                   f"{kept.name} and running the stage again")
-        D.barrier()
+        distributed.barrier()
         return run(copy.deepcopy(cfg), **kwargs)
 
 
@@ -112,14 +106,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     folder's lock throughout, each stage its sub-folder's."""
     start = time.perf_counter()
     join_process_group(cfg.runtime.device)  # under torchrun: one process group for all stages; rank 0 writes
-    if cfg.runtime.run_dir is None:
-        cfg.runtime.run_dir = str(Path("runs") / f"pipeline-{D.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))}")
-        if D.is_main():
-            print(f"writing to {cfg.runtime.run_dir}")
-    run_dir = Path(cfg.runtime.run_dir)
+    run_dir = name_run_dir(cfg.runtime.run_dir, "pipeline", distributed.is_main())
+    cfg = replace(cfg, runtime=replace(cfg.runtime, run_dir=str(run_dir)))
     validate(cfg, run_dir)
-    claim_run_folder(run_dir, "pipeline", cfg, {}, D.is_main())
-    if D.is_main():
+    claim_run_folder(run_dir, "pipeline", cfg, {}, distributed.is_main())
+    if distributed.is_main():
         save_config(cfg, run_dir)
 
     num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
@@ -142,6 +133,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         }
     report = {"label_fractions": results, "wall_time_s": round(time.perf_counter() - start, 1),
               "pretrain": {k: pre[k] for k in ("step", "linear_eval_top1") if k in pre}}
-    if D.is_main():
+    if distributed.is_main():
         write_pipeline_report(report, run_dir)
     return report

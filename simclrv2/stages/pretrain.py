@@ -13,28 +13,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from simclrv2.config import (PretrainConfig, check_range, validate_model, validate_selector, validate_training,
+                             validate_world)
 from simclrv2.data import batches as B
+from simclrv2.data.splits import load_split, take_subset
 from simclrv2.distributed import all_gather_nograd
-from simclrv2.config import PretrainConfig
+from simclrv2.engine.checkpoint import checkpoint_meta
 from simclrv2.engine.evaluation import evaluate_classifier
+from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images, unwrap
-from simclrv2.engine.summary import print_summary
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
 from simclrv2.losses import contrastive_accuracy, l2_normalize, moco_contrastive_loss, nt_xent
-from simclrv2.memory import FeatureQueue, ema_update_
-from simclrv2.models import build_simclrv2_model
+from simclrv2.losses.memory import FeatureQueue, ema_update_
+from simclrv2.models import SimCLRv2Model, frozen_copy
+from simclrv2.optim.factory import build_optimizer, labelled_loss_weight_decay, make_schedule
 from simclrv2.stages import common as C
 
 
 def validate(cfg: PretrainConfig, prefix: str = "") -> None:
     """Refuse impossible settings before any work starts (``prefix``: a pipeline's ``pretrain.``)."""
-    C.validate_training(cfg, prefix)
-    C.validate_model(cfg.model, prefix)
-    C.validate_selector(cfg.model.ft_proj_selector, cfg.model.num_proj_layers, f"--{prefix}ft-proj-selector")
-    C.check_range(f"--{prefix}temperature", cfg.temperature, 0, low_open=True)
-    C.check_range(f"--{prefix}memory-size", cfg.memory_size, 1)
-    C.check_range(f"--{prefix}memory-momentum", cfg.memory_momentum, 0, 1, high_open=True)
+    validate_training(cfg, prefix)
+    validate_model(cfg.model, prefix)
+    validate_selector(cfg.model.ft_proj_selector, cfg.model.num_proj_layers, f"--{prefix}ft-proj-selector")
+    check_range(f"--{prefix}temperature", cfg.temperature, 0, low_open=True)
+    check_range(f"--{prefix}memory-size", cfg.memory_size, 1)
+    check_range(f"--{prefix}memory-momentum", cfg.memory_momentum, 0, 1, high_open=True)
 
 
 @releases_run_folders
@@ -42,18 +46,17 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain and return the final metrics; checkpoints land in ``RUN_DIR/checkpoints``."""
     validate(cfg)
     rt = setup_runtime(cfg.runtime)
-    C.validate_world(cfg.optim, rt)
-    train_set = C.take_subset(C.load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data, cfg.runtime.seed)
+    validate_world(cfg.optim, rt)
+    train_set = take_subset(load_split(cfg.data, cfg.data.pretrain_split, cfg.data.image_size), cfg.data, cfg.runtime.seed)
     image_size = C.image_size_of(cfg.data, train_set)
     has_labels = train_set.labels is not None and cfg.lineareval_while_pretraining
     num_classes = len(train_set.classes) if has_labels else None
-    run_dir = C.start_run(cfg, "pretrain", rt)
+    run_dir, cfg = C.start_run(cfg, "pretrain", rt)
 
-    kwargs = C.model_kwargs(cfg.model, image_size, num_classes)
-    model = build_simclrv2_model(**kwargs)
+    model = SimCLRv2Model.from_spec(cfg.model.spec(image_size, num_classes))
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
-    optimizer = C.build_optimizer(model, cfg.optim)
-    lr_fn, total_steps = C.make_schedule(cfg.optim, len(train_set))
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_fn, total_steps = make_schedule(cfg.optim, len(train_set))
 
     use_blur = image_size > 32 if cfg.data.use_blur is None else cfg.data.use_blur
     batches, make_views = B.pretrain_views(
@@ -65,7 +68,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     momentum_net = queue = None
     new_keys: list[torch.Tensor] = []  # this step's keys, enqueued once the loss has been used
     if cfg.use_memory:
-        momentum_net = C.frozen_copy(unwrap(net)).to(rt.device)
+        momentum_net = frozen_copy(unwrap(net)).to(rt.device)
         queue = FeatureQueue(cfg.memory_size, model.projection_head.out_dim).to(rt.device)
         stateful.update(momentum_model=momentum_net, memory_queue=queue)
 
@@ -91,7 +94,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             sup_loss = F.cross_entropy(logits.float(), targets)
             metrics["sup_loss"] = sup_loss.detach()
             metrics["sup_acc"] = (logits.detach().argmax(1) == targets).float().mean()
-            loss = loss + sup_loss + C.labelled_loss_weight_decay(model, cfg.optim)
+            loss = loss + sup_loss + labelled_loss_weight_decay(model, cfg.optim)
         return loss, metrics
 
     def after_step(step: int) -> None:
@@ -100,7 +103,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
     if has_labels:
-        eval_set, preprocess = B.eval_inputs(C.load_split(cfg.data, cfg.data.eval_split, image_size), image_size)
+        eval_set, preprocess = B.eval_inputs(load_split(cfg.data, cfg.data.eval_split, image_size), image_size)
 
     def linear_eval(epoch: int) -> dict[str, Any]:
         """Accuracy of the linear head trained on stop-gradient features (official monitor)."""
@@ -113,7 +116,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     task = TrainTask(
         stage="pretrain", model=net, optimizer=optimizer, batches=batches, step_fn=step_fn, lr_fn=lr_fn,
         total_steps=total_steps, images_per_step=cfg.optim.train_batch_size,
-        checkpoint_meta=C.checkpoint_meta(kwargs, "pretrain", cfg, image_size, train_set.classes if has_labels else None),
+        checkpoint_meta=checkpoint_meta(model.spec, model.mode, cfg, image_size,
+                                        train_set.classes if has_labels else None),
         after_step=after_step if cfg.use_memory else None, end_of_epoch=linear_eval if has_labels else None,
         stateful=stateful)
     metrics = train(task, rt, cfg.runtime, run_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from simclrv2 import distributed as D
+from simclrv2 import distributed
 
 
 @torch.no_grad()
@@ -96,7 +96,7 @@ class FeatureQueue(nn.Module):
         if new_keys.dim() != 2 or new_keys.shape[1] != self.dim:
             raise ValueError(f"keys must be (n, {self.dim}), got {tuple(new_keys.shape)}")
         if gather:
-            new_keys = D.all_gather_nograd(new_keys)
+            new_keys = distributed.all_gather_nograd(new_keys)
         n = new_keys.shape[0]
         if n == 0:
             return

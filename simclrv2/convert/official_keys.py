@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .heads import ProjectionHead, SupervisedHead
-from .resnet import BasicBlock, Bottleneck, FixedPadAvgPool2d, ResNet, SelectiveKernelConv
-from .simclr import SimCLRv2Model
+from simclrv2.models.heads import ProjectionHead, SupervisedHead
+from simclrv2.models.resnet import BasicBlock, Bottleneck, FixedPadAvgPool2d, ResNet, SelectiveKernelConv
+from simclrv2.models.simclr import SimCLRv2Model
 
 CHECKPOINT_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 TRANSFORMS = ("conv", "dense", "none")
