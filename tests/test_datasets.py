@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from simclrv2.data.datasets import (DATASETS, DataError, DatasetNotFoundError, FASHION_MNIST_DIR,
-                                    ImageFolderDataset, TensorImageDataset, build_dataset, load_cifar,
-                                    load_fashion_mnist, load_stl10)
+from simclrv2.data.datasets import DATASETS, build_dataset
+from simclrv2.data.errors import DataError, DatasetNotFoundError
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.in_memory import TensorImageDataset
+from simclrv2.data.readers import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, load_stl10
 from simclrv2.data.loader import InMemoryLoader, make_dataloader, shard_indices
 
 
@@ -249,7 +251,8 @@ def test_folder_outputs_fixed_size_rgb(tmp_path, mode, crops, shape):
 def test_folder_train_crops_are_official_crops_of_the_whole_image(tmp_path):
     """Each crop is the official crop rule applied to the full decoded image, resized with TF's
     bicubic: the same pixels as cropping and resizing the original by hand."""
-    from simclrv2.data.augment import resize_boxes, sample_crop_boxes
+    from simclrv2.data.crops import sample_crop_boxes
+    from simclrv2.data.resize import resize_boxes
 
     (tmp_path / "x").mkdir()
     img = _image(48, 96, seed=3)
