@@ -62,10 +62,10 @@ def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Run
     """Top-1 / top-5 of ``net``'s logits on ``dataset``, by default the configured evaluation split."""
     if dataset is None:
         dataset = C.load_split(cfg_data, cfg_data.eval_split, image_size)
-    eval_set, preprocess = B.eval_inputs(dataset, image_size)
+    eval_set, preprocess = dataset.eval_inputs(image_size)
     net.eval()
     return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device, cfg_data.num_workers), rt, preprocess)
+        eval_set, cfg_data.eval_batch_size, rt, num_workers=cfg_data.num_workers), rt, preprocess)
 
 
 @releases_run_folders
@@ -83,9 +83,9 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = C.build_optimizer(model, cfg.optim)
     lr_fn, total_steps = C.make_schedule(cfg.optim, len(labelled))
-    crops, augment = B.crop_flip_inputs(labelled, image_size)
-    batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
-                              rt.world_size, rt.device, cfg.data.num_workers)
+    crops, augment = labelled.crop_flip_inputs(image_size)
+    batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), rt, seed=cfg.runtime.seed,
+                              num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
