@@ -39,7 +39,7 @@ kernel of ``augment_kernel.py`` instead (the same function in one compiled pass 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -52,6 +52,7 @@ from simclrv2.data.image_batch import as_rgb, check_batch, float32_math
 from simclrv2.data.resize import INTERPOLATIONS, interpolation_taps, resize_boxes
 
 CPU_CHUNK_PIXELS = 1_200_000  # pixels per chunk on CPU (keeps intermediates cache-resident)
+ViewMaker = Callable[[Any, torch.Generator], Tensor]  # (batch, generator) -> views (2B, 3, S, S)
 
 
 @dataclass

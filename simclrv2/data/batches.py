@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .augment import first_then_second
-from .datasets import ImageDataset, ViewMaker, build_dataset
+from .augment import ViewMaker, first_then_second
+from .datasets import ImageDataset, build_dataset
 from .errors import DataError
 from .loader import PRELOAD_MAX_BYTES, FileLoader, shard_indices
 from .torchvision_views import PILViewsDataset, torchvision_simclr_transform

@@ -12,12 +12,11 @@ order, fixed per dataset (CIFAR, STL-10, Fashion-MNIST) or, for folders, by the 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 
-import torch
 from torch import Tensor
 
-from .augment import SimCLRAugment
+from .augment import SimCLRAugment, ViewMaker
 from .errors import DataError
 from .eval_transform import EvalTransform
 from .folder import FOLDER_SPLITS, load_folder
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from simclrv2.engine.runtime import Runtime
 
 PathLike = Union[str, os.PathLike]
-ViewMaker = Callable[[Any, torch.Generator], Tensor]
 
 DATASETS = ("embedded", "fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
 SPLITS = {**READER_SPLITS, "folder": tuple(FOLDER_SPLITS)}
@@ -63,8 +61,7 @@ class ImageDataset(Protocol):
                num_workers: Optional[int] = None, persistent_workers: bool = True) -> Any:
         """Sharded ``(images, labels)`` batches on ``rt.device`` (the batch-source interface)."""
 
-    def pretrain_inputs(self, image_size: int, strength: float,
-                        use_blur: bool) -> tuple["ImageDataset", ViewMaker]:
+    def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool) -> tuple["ImageDataset", ViewMaker]:
         """(dataset to load, ``make_views(batch, generator)``) for two SimCLR views per image."""
 
     def crop_flip_inputs(self, image_size: int) -> tuple["ImageDataset", SimCLRAugment]:

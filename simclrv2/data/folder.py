@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .augment import SimCLRAugment, finetune_augment, first_then_second
+from .augment import SimCLRAugment, ViewMaker, finetune_augment, first_then_second
 from .crops import CROP_PROPORTION, center_crop_box, sample_crop_boxes
 from .errors import DataError, DatasetNotFoundError
 from .eval_transform import EvalTransform
@@ -168,7 +168,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                device=rt.device, persistent_workers=persistent_workers)
 
     def pretrain_inputs(self, image_size: int, strength: float,
-                        use_blur: bool) -> tuple["ImageFolderDataset", Callable[[Any, torch.Generator], Tensor]]:
+                        use_blur: bool) -> tuple["ImageFolderDataset", ViewMaker]:
         """Each sample arrives as its two crops (B, 2, 3, S, S), cut in the workers; the batch
         then gets flip, colour and blur."""
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=False)

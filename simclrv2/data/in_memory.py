@@ -3,12 +3,12 @@ augmented whole on the device (no DataLoader workers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .augment import SimCLRAugment, finetune_augment
+from .augment import SimCLRAugment, ViewMaker, finetune_augment
 from .errors import DataError
 from .eval_transform import EvalTransform
 from .loader import InMemoryLoader
@@ -83,7 +83,7 @@ class TensorImageDataset:
         return InMemoryLoader(self, batch_size, shuffle, drop_last, seed, rt.rank, rt.world_size, rt.device)
 
     def pretrain_inputs(self, image_size: int, strength: float,
-                        use_blur: bool) -> tuple["TensorImageDataset", Callable[[Any, torch.Generator], Tensor]]:
+                        use_blur: bool) -> tuple["TensorImageDataset", ViewMaker]:
         """Whole images: both views are cropped, resized and augmented as one batch."""
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur)
 
