@@ -43,7 +43,7 @@ from simclrv2.losses import nt_xent  # noqa: E402
 from simclrv2.optim import LARS, lars_param_groups  # noqa: E402
 
 R50 = {"model": ("r50_1x_sk0", {}), "size": 224, "source": 256, "blur": True, "batch": 256, "warmup": 4, "steps": 10}
-R18 = {"model": ("r50_1x_sk0_cifar", {"depth": 18}), "size": 32, "source": 32, "blur": False, "batch": 512,
+R18 = {"model": ("r50_1x_sk0_cifar", {"resnet_depth": 18}), "size": 32, "source": 32, "blur": False, "batch": 512,
        "warmup": 5, "steps": 20}
 TINY = {"model": ("r18_0p25x_sk0_cifar", {"width_multiplier": 0.125}), "size": 32, "source": 36, "blur": True,
         "batch": 8, "warmup": 1, "steps": 2}

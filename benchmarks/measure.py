@@ -31,7 +31,7 @@ E2E_MODELS: dict[str, dict[str, Any]] = {
     # 28 px Fashion-MNIST, batch 256, T = 0.2.
     "embedded": {"create": ["r18_0p25x_sk0_cifar", {}], "image_size": 28, "overrides": {"data": {"dataset": "embedded"}}},
     # ResNet-18 w1, CIFAR stem, 32 px, batch 256 (preset "cifar": T = 0.5, s = 0.5).
-    "resnet18": {"create": ["r50_1x_sk0_cifar", {"depth": 18}], "image_size": 32, "overrides": {
+    "resnet18": {"create": ["r50_1x_sk0_cifar", {"resnet_depth": 18}], "image_size": 32, "overrides": {
         "data": {"dataset": "cifar10"}, "model": {"resnet_depth": 18, "width_multiplier": 1.0, "cifar_stem": True},
         "optim": {"train_batch_size": 256}}},
 }
@@ -122,12 +122,14 @@ def folder_ours(spec: dict[str, Any]) -> dict[str, Any]:
     its two crops; the main process flips, jitters and blurs the batch."""
     from simclrv2.data import ImageFolderDataset
     from simclrv2.data.batches import pretrain_views
+    from simclrv2.engine.runtime import Runtime
 
     device, size, batch = torch.device(spec["device"]), spec["size"], spec["batch_size"]
     root = _jpegs(spec)
     with common.MemorySampler() as mem:
-        source, make_views = pretrain_views("batched", ImageFolderDataset(root, size), batch, 0, 0, 1, device, size,
-                                            spec["strength"], True)
+        rt = Runtime(device=device, dtype=None, channels_last=False, rank=0, world_size=1)
+        source, make_views = pretrain_views(ImageFolderDataset(root, size), rt, augmentation="batched", batch_size=batch,
+                                            seed=0, image_size=size, strength=spec["strength"], use_blur=True)
         generator = torch.Generator().manual_seed(0)
         timer = common.StepTimer()
         timer.run(source, spec["warmup"] + spec["batches"], lambda b: (make_views(b, generator), sync(device)))

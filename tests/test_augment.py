@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from simclrv2.data import augment as A
-from simclrv2.data.augment import AugmentParams, EvalTransform, SimCLRAugment
+from simclrv2.data.augment import AugmentParams, SimCLRAugment
+from simclrv2.data.blur import blur_kernel_radius, gaussian_blur, gaussian_taps
+from simclrv2.data.color import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, to_grayscale
+from simclrv2.data.crops import FIRST_CROP_ATTEMPTS, center_crop_box, first_valid_crop, sample_crop_boxes
+from simclrv2.data.eval_transform import EvalTransform
+from simclrv2.data.resize import resize_boxes
+from simclrv2.data.torchvision_views import PILViewsDataset, torchvision_simclr_transform
 
 
 def _params(n: int, **overrides) -> AugmentParams:
@@ -71,7 +77,7 @@ def _tf_crop_scalar(rng: random.Random, height: int, width: int) -> tuple[int, i
 @pytest.mark.parametrize("size", [32, 224])
 def test_crop_boxes_valid_and_match_scalar_port(size):
     g = torch.Generator().manual_seed(1)
-    boxes = A.sample_crop_boxes(6000, size, size, g)
+    boxes = sample_crop_boxes(6000, size, size, g)
     y0, x0, h, w = boxes.T.double()
     assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= size).all() and (x0 + w <= size).all()
     area = h * w / size**2
@@ -98,17 +104,17 @@ def test_crop_boxes_judging_later_attempts_only_where_needed_changes_nothing(hei
     the boxes are those of judging all 100 attempts of every image (3 x 40 images often find
     their crop only after the first attempts, 4 x 100 images never find one)."""
     n, attempts = 3000, 100
-    boxes = A.sample_crop_boxes(n, height, width, torch.Generator().manual_seed(7))
+    boxes = sample_crop_boxes(n, height, width, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     aspect = torch.rand(attempts, n, generator=g) * (4 / 3 - 3 / 4) + 3 / 4
     u = torch.rand(attempts, n, generator=g)
-    h, w, found = A.first_valid_crop(aspect, u, height, width, (0.08, 1.0), 0.1)
+    h, w, found = first_valid_crop(aspect, u, height, width, (0.08, 1.0), 0.1)
     h, w = torch.where(found, h, float(height)), torch.where(found, w, float(width))
     offsets = torch.rand(2, n, generator=g)
     y0 = torch.minimum(torch.floor(offsets[0] * (height - h)), (height - h - 1).clamp(min=0))
     x0 = torch.minimum(torch.floor(offsets[1] * (width - w)), (width - w - 1).clamp(min=0))
     assert torch.equal(boxes, torch.stack([y0, x0, h, w], dim=1).long())
-    later = ~A.first_valid_crop(aspect[:A.FIRST_CROP_ATTEMPTS], u[:A.FIRST_CROP_ATTEMPTS], height, width,
+    later = ~first_valid_crop(aspect[:FIRST_CROP_ATTEMPTS], u[:FIRST_CROP_ATTEMPTS], height, width,
                                 (0.08, 1.0), 0.1)[2]
     if (height, width) == (3, 40):
         assert int((later & found).sum()) > 100
@@ -122,7 +128,7 @@ def test_crop_statistics_match_official(reference_dir, size):
     levels = torch.tensor(stats["quantile_levels"], dtype=torch.float64)
     official = stats["sizes"][size]
     s = int(size)
-    boxes = A.sample_crop_boxes(8000, s, s, torch.Generator().manual_seed(3)).double()
+    boxes = sample_crop_boxes(8000, s, s, torch.Generator().manual_seed(3)).double()
     area = boxes[:, 2] * boxes[:, 3] / s**2
     aspect = boxes[:, 3] / boxes[:, 2]
     inner = slice(1, -1)  # skip the extreme 0 and 1 levels, which are noisy in 2000 draws
@@ -171,7 +177,7 @@ def test_zero_strength_keeps_random_grayscale():
     views = aug(images, torch.Generator().manual_seed(4))
     equal = (views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)) < 1e-6
     assert 0 < int(equal.sum()) < 64
-    classic = A.torchvision_simclr_transform(16, 0.0, blur=False)
+    classic = torchvision_simclr_transform(16, 0.0, blur=False)
     assert [type(op).__name__ for op in classic.transforms] == [
         "RandomResizedCrop", "RandomHorizontalFlip", "RandomGrayscale", "ToTensor"]
 
@@ -289,16 +295,16 @@ def _resize_reference(img: np.ndarray, box, out: int) -> np.ndarray:
 def test_resize_matches_float64_reference():
     img = _colourful(1, 20, seed=3)
     box = torch.tensor([[3, 5, 11, 14]])
-    out = A.resize_boxes(img, box, 9)[0].numpy()
+    out = resize_boxes(img, box, 9)[0].numpy()
     ref = _resize_reference(img[0].numpy() / 255.0, (3, 5, 11, 14), 9)
     assert np.abs(out - ref).max() < 1e-5
 
 
 def test_resize_identity_crop_and_bilinear_vs_interpolate():
     x = torch.rand(2, 3, 12, 12)
-    same = A.resize_boxes(x, torch.tensor([[2, 3, 7, 5], [0, 0, 12, 12]]), (7, 5))
+    same = resize_boxes(x, torch.tensor([[2, 3, 7, 5], [0, 0, 12, 12]]), (7, 5))
     assert torch.allclose(same[0], x[0, :, 2:9, 3:8], atol=1e-6)  # crop at native size: exact
-    up = A.resize_boxes(x, torch.tensor([[0, 0, 12, 12]] * 2), 30, interpolation="bilinear")
+    up = resize_boxes(x, torch.tensor([[0, 0, 12, 12]] * 2), 30, interpolation="bilinear")
     ref = F.interpolate(x, size=30, mode="bilinear", align_corners=False)
     assert torch.allclose(up, ref, atol=1e-5)
 
@@ -312,13 +318,13 @@ def test_flip_and_crop_on_hand_made_images():
     dot = torch.zeros(1, 3, 32, 32)
     dot[..., 20, 6] = 1.0
     box = torch.tensor([[16, 0, 16, 16]])  # bottom-left quarter, dot at local (4, 6)
-    up = A.resize_boxes(dot, box, 32, interpolation="bilinear")
+    up = resize_boxes(dot, box, 32, interpolation="bilinear")
     # 2x upsampling: outputs 8 and 9 sample local positions 3.75 and 4.25, weight 0.75 on pixel 4
     assert torch.allclose(up[0, 0, 8:10, 12:14], torch.full((2, 2), 0.75**2))
     assert up.max() == pytest.approx(0.75**2) and up[0, 0, 7:11, 11:15].sum() == pytest.approx(4.0)
-    flipped = A.resize_boxes(dot, box, 32, flip=torch.tensor([True]), interpolation="bilinear")
+    flipped = resize_boxes(dot, box, 32, flip=torch.tensor([True]), interpolation="bilinear")
     assert torch.allclose(flipped, up.flip(-1), atol=1e-6)
-    assert A.resize_boxes(dot, torch.tensor([[0, 0, 16, 16]]), 32).abs().max() == 0  # dot outside the crop
+    assert resize_boxes(dot, torch.tensor([[0, 0, 16, 16]]), 32).abs().max() == 0  # dot outside the crop
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,7 +350,7 @@ def test_hue_matches_colorsys():
         h, s, v = colorsys.rgb_to_hsv(r, g, b)
         return colorsys.hsv_to_rgb((h + delta[n].item()) % 1.0, s, v)
 
-    assert torch.allclose(A.adjust_hue(x, delta).double(), _per_pixel(x, ref), atol=1e-5)
+    assert torch.allclose(adjust_hue(x, delta).double(), _per_pixel(x, ref), atol=1e-5)
 
 
 def test_saturation_matches_colorsys():
@@ -355,16 +361,16 @@ def test_saturation_matches_colorsys():
         h, s, v = colorsys.rgb_to_hsv(r, g, b)
         return colorsys.hsv_to_rgb(h, min(max(s * factor[n].item(), 0.0), 1.0), v)
 
-    assert torch.allclose(A.adjust_saturation(x, factor).double(), _per_pixel(x, ref), atol=1e-5)
+    assert torch.allclose(adjust_saturation(x, factor).double(), _per_pixel(x, ref), atol=1e-5)
 
 
 def test_brightness_contrast_grayscale_formulas():
     x = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(2))
     f = torch.tensor([0.4, 1.6])
-    assert torch.allclose(A.adjust_brightness(x, f), x * f.view(2, 1, 1, 1))
+    assert torch.allclose(adjust_brightness(x, f), x * f.view(2, 1, 1, 1))
     mean = x.double().mean(dim=(2, 3), keepdim=True)  # per channel, like tf.image.adjust_contrast
-    assert torch.allclose(A.adjust_contrast(x, f).double(), (x - mean) * f.view(2, 1, 1, 1).double() + mean, atol=1e-6)
-    grey = A.to_grayscale(x)
+    assert torch.allclose(adjust_contrast(x, f).double(), (x - mean) * f.view(2, 1, 1, 1).double() + mean, atol=1e-6)
+    grey = to_grayscale(x)
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
     expected = 0.2989 * x[:, 0] + 0.5870 * x[:, 1] + 0.1140 * x[:, 2]
     assert torch.allclose(grey[:, 0], expected, atol=1e-6)
@@ -377,7 +383,7 @@ def test_jitter_follows_each_images_order_with_clipping():
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
     p = _params(2, jitter=torch.tensor([True, True]), order=order, **factors)
     out = A.color_jitter(x, p)
-    fns = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
+    fns = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
     names = ["brightness", "contrast", "saturation", "hue"]
     for i in range(2):
         y = x[i:i + 1]
@@ -393,8 +399,8 @@ def test_jitter_follows_each_images_order_with_clipping():
 # Blur
 # ------------------------------------------------------------------------------------------------
 def test_blur_radius_follows_official_kernel_size():
-    assert [A.blur_kernel_radius(s) for s in (32, 96, 224)] == [1, 4, 11]  # 3, 9 and 23 taps
-    taps = A.gaussian_taps(torch.tensor([0.5, 2.0]), 4)
+    assert [blur_kernel_radius(s) for s in (32, 96, 224)] == [1, 4, 11]  # 3, 9 and 23 taps
+    taps = gaussian_taps(torch.tensor([0.5, 2.0]), 4)
     assert torch.allclose(taps.sum(1), torch.ones(2)) and taps[0, 4] > taps[1, 4]
 
 
@@ -402,7 +408,7 @@ def test_blur_radius_follows_official_kernel_size():
 def test_blur_matches_per_image_conv_with_zero_padding(radius):
     x = torch.rand(3, 3, 10, 10, generator=torch.Generator().manual_seed(4))
     sigma = torch.tensor([0.1, 1.0, 2.0])
-    out = A.gaussian_blur(x, sigma, radius)
+    out = gaussian_blur(x, sigma, radius)
     size = 2 * radius + 1
     for i in range(3):
         t = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -411,7 +417,7 @@ def test_blur_matches_per_image_conv_with_zero_padding(radius):
         k2 = (k[:, None] * k[None, :]).expand(3, 1, size, size)
         ref = F.conv2d(x[i:i + 1].double(), k2, padding=radius, groups=3)
         assert torch.allclose(out[i:i + 1].double(), ref, atol=1e-6)
-    ones = A.gaussian_blur(torch.ones(1, 3, 10, 10), torch.tensor([2.0]), radius)
+    ones = gaussian_blur(torch.ones(1, 3, 10, 10), torch.tensor([2.0]), radius)
     assert ones[0, 0, 0, 0] < 0.9 and ones[0, 0, 5, 5] == pytest.approx(1.0, abs=0.02)  # zero padding darkens borders
 
 
@@ -419,8 +425,8 @@ def test_blur_matches_per_image_conv_with_zero_padding(radius):
 # Evaluation preprocessing
 # ------------------------------------------------------------------------------------------------
 def test_center_crop_box_official_formula():
-    assert A.center_crop_box(80, 72, 64, 64) == (9, 5, 63, 63)
-    assert A.center_crop_box(100, 200, 64, 64) == (6, 56, 88, 88)
+    assert center_crop_box(80, 72, 64, 64) == (9, 5, 63, 63)
+    assert center_crop_box(100, 200, 64, 64) == (6, 56, 88, 88)
 
 
 def test_eval_transform_small_images_untouched():
@@ -441,10 +447,10 @@ def test_eval_transform_matches_official_preprocessing(reference_dir, tag, size)
 # Per-image torchvision pipeline and devices
 # ------------------------------------------------------------------------------------------------
 def test_torchvision_pipeline_and_views_dataset():
-    from simclrv2.data.datasets import TensorImageDataset
+    from simclrv2.data.in_memory import TensorImageDataset
 
     ds = TensorImageDataset(_colourful(3, 40), None, (), "tiny")
-    views, label = A.PILViewsDataset(ds, A.torchvision_simclr_transform(36))[1]
+    views, label = PILViewsDataset(ds, torchvision_simclr_transform(36))[1]
     assert views.shape == (2, 3, 36, 36) and views.dtype == torch.float32 and label == -1
     assert 0 <= views.min() and views.max() <= 1
 

@@ -4,6 +4,8 @@ import torch
 
 from simclrv2.data import augment as A
 from simclrv2.data import augment_kernel
+from simclrv2.data.crops import sample_crop_boxes
+from simclrv2.data.resize import crop_resize, resize_boxes
 
 pytestmark = pytest.mark.skipif(not augment_kernel.available(), reason="needs Numba")
 
@@ -103,12 +105,12 @@ def test_crop_resize_same_with_and_without_the_kernel(monkeypatch):
     """Worker-side crops of one image: the kernel and the tensor fallback (Numba missing) agree
     up to the uint8 rounding, and both equal ``resize_boxes`` on the original."""
     image = _images(6, 3, 75, 110, seed=4)[5]
-    boxes = A.sample_crop_boxes(6, 75, 110, torch.Generator().manual_seed(2))
-    fused = A.crop_resize(image, boxes, 48)
+    boxes = sample_crop_boxes(6, 75, 110, torch.Generator().manual_seed(2))
+    fused = crop_resize(image, boxes, 48)
     monkeypatch.setattr(augment_kernel, "available", lambda: False)
     assert not A.SimCLRAugment(48).fused
-    plain = A.crop_resize(image, boxes, 48)
+    plain = crop_resize(image, boxes, 48)
     assert fused.shape == plain.shape == (6, 3, 48, 48) and fused.dtype == plain.dtype == torch.uint8
     assert (fused.int() - plain.int()).abs().max() <= 1
-    exact = A.resize_boxes(image[None].expand(6, -1, -1, -1), boxes, 48).clamp(0, 1) * 255
+    exact = resize_boxes(image[None].expand(6, -1, -1, -1), boxes, 48).clamp(0, 1) * 255
     assert (plain.float() - exact).abs().max() <= 0.5 + 1e-3

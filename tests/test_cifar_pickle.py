@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from simclrv2.data.datasets import DataError, build_dataset, load_cifar
+from simclrv2.data.datasets import build_dataset
+from simclrv2.data.errors import DataError
+from simclrv2.data.readers import load_cifar
 
 # Python 2 cPickle opcodes, as in the original cifar-10-python.tar.gz files (pickletools names)
 PROTO2, MARK, STOP, TUPLE, TUPLE1, TUPLE3 = b"\x80\x02", b"(", b".", b"t", b"\x85", b"\x87"

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from simclrv2.data.datasets import (DATASETS, DataError, DatasetNotFoundError, FASHION_MNIST_DIR,
-                                    ImageFolderDataset, TensorImageDataset, build_dataset, load_cifar,
-                                    load_fashion_mnist, load_stl10)
+from simclrv2.data.datasets import DATASETS, ImageDataset, build_dataset
+from simclrv2.data.errors import DataError, DatasetNotFoundError
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.in_memory import TensorImageDataset
+from simclrv2.data.readers import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, load_stl10
 from simclrv2.data.loader import InMemoryLoader, make_dataloader, shard_indices
 
 
@@ -249,7 +251,8 @@ def test_folder_outputs_fixed_size_rgb(tmp_path, mode, crops, shape):
 def test_folder_train_crops_are_official_crops_of_the_whole_image(tmp_path):
     """Each crop is the official crop rule applied to the full decoded image, resized with TF's
     bicubic: the same pixels as cropping and resizing the original by hand."""
-    from simclrv2.data.augment import resize_boxes, sample_crop_boxes
+    from simclrv2.data.crops import sample_crop_boxes
+    from simclrv2.data.resize import resize_boxes
 
     (tmp_path / "x").mkdir()
     img = _image(48, 96, seed=3)
@@ -322,6 +325,18 @@ def test_build_folder_splits(tmp_path):
 def test_unknown_dataset_lists_choices():
     with pytest.raises(DataError, match="unknown dataset 'mnist'.*" + ".*".join(DATASETS)):
         build_dataset("mnist")
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "folder"])
+def test_every_dataset_kind_offers_the_whole_interface(tmp_path, kind):
+    """The batch helpers never ask which kind a dataset is, so each kind must offer every member."""
+    _tree(tmp_path, bad=False, empty=False)
+    ds = (TensorImageDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), None, (), "t") if kind == "in_memory"
+          else ImageFolderDataset(tmp_path))
+    members = {"__len__", "__getitem__", *ImageDataset.__annotations__,
+               *(name for name in vars(ImageDataset) if not name.startswith("_"))}
+    assert {"loader", "pretrain_inputs", "crop_flip_inputs", "eval_inputs", "subset"} <= members
+    assert not [name for name in members if not hasattr(ds, name)]
 
 
 def test_tensor_dataset_subset_keeps_grey_view():

@@ -39,7 +39,7 @@ from torch import nn
 from simclrv2 import cli
 from simclrv2 import distributed as D
 from simclrv2.data import batches as B
-from simclrv2.data.datasets import TensorImageDataset
+from simclrv2.data.in_memory import TensorImageDataset
 from simclrv2.engine.evaluation import evaluate_classifier, topk_hits
 from simclrv2.config import ConfigError, OptimConfig, RuntimeConfig
 from simclrv2.engine.runtime import (Runtime, pick_device, pick_dtype, cpu_supports_bf16, prepare_model,
@@ -197,10 +197,9 @@ def _eval_case(net: nn.Module, rt: Runtime) -> dict:
     def preprocess(images):
         return images.to(DTYPE) / 255.0
 
-    result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(dataset, EVAL_BATCH, rt.rank, rt.world_size,
-                                                                     rt.device), rt, preprocess)
+    result = evaluate_classifier(lambda x: net(x)[1], B.eval_batches(dataset, EVAL_BATCH, rt), rt, preprocess)
     ids = torch.cat([images[:, 0, 0, 0].long() for images, _ in
-                     B.eval_batches(dataset, EVAL_BATCH, rt.rank, rt.world_size, rt.device)])
+                     B.eval_batches(dataset, EVAL_BATCH, rt)])
     with torch.no_grad():  # every example on this rank, unsharded: the expected counts
         logits = net(to_device_images(preprocess(dataset.images), rt))[1]
     top1, top5 = topk_hits(logits, dataset.labels).tolist()

@@ -10,13 +10,18 @@ from PIL import Image
 
 from simclrv2.cli import main
 from simclrv2.data import batches as B
-from simclrv2.data.augment import EvalTransform
-from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
+from simclrv2.data.datasets import build_dataset
+from simclrv2.data.errors import DataError
+from simclrv2.data.eval_transform import EvalTransform
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.in_memory import TensorImageDataset
 from simclrv2.data.loader import shard_indices
+from simclrv2.engine.runtime import Runtime
 
 MODEL = ["--resnet-depth", "18", "--width-multiplier", "0.125"]
 RUN = ["--progress", "false", "--precision", "fp32", "--num-threads", "1", "--num-workers", "0",
        "--eval-batch-size", "8", "--train-batch-size", "4", "--label-fraction", "0.5"]
+CPU = Runtime(device=torch.device("cpu"), dtype=None, channels_last=False, rank=0, world_size=1)
 
 
 def _thirds(height: int = 40, width: int = 120) -> torch.Tensor:
@@ -40,9 +45,8 @@ def test_pretraining_views_crop_the_whole_image(tmp_path):
     for i in range(8):
         _save(_thirds(), tmp_path / "c" / f"{i}.png")
     dataset = ImageFolderDataset(tmp_path, image_size=16, mode="eval")
-    source, make_views = B.pretrain_views("batched", dataset, 4, seed=0, rank=0, world_size=1,
-                                          device=torch.device("cpu"), image_size=16, strength=1.0, use_blur=False,
-                                          num_workers=0)
+    source, make_views = B.pretrain_views(dataset, CPU, augmentation="batched", batch_size=4, seed=0, image_size=16,
+                                          strength=1.0, use_blur=False, num_workers=0)
     dominant = []
     for epoch in range(4):
         source.set_epoch(epoch)
@@ -61,7 +65,8 @@ def test_torchvision_path_gets_the_full_decoded_image(tmp_path):
     for i in range(4):
         _save(_thirds(), tmp_path / "c" / f"{i}.png")
     dataset = ImageFolderDataset(tmp_path, image_size=16)
-    source, make_views = B.pretrain_views("torchvision", dataset, 2, 0, 0, 1, torch.device("cpu"), 16, 1.0, False, 0)
+    source, make_views = B.pretrain_views(dataset, CPU, augmentation="torchvision", batch_size=2, seed=0,
+                                          image_size=16, strength=1.0, use_blur=False, num_workers=0)
     assert source.dataset.dataset.mode == "decode"
     images, _ = next(iter(source))
     view1, view2 = make_views((images, None), torch.Generator()).chunk(2)
@@ -85,7 +90,8 @@ def test_pretraining_views_put_the_first_views_first_then_the_second(tmp_path, k
             _save(torch.full((3, 20, 30), level, dtype=torch.uint8), tmp_path / "c" / f"{i}.png")
         dataset = ImageFolderDataset(tmp_path, image_size=16)
     augmentation = "torchvision" if kind == "folder-torchvision" else "batched"
-    source, make_views = B.pretrain_views(augmentation, dataset, 3, 0, 0, 1, torch.device("cpu"), 16, 0.0, False, 0)
+    source, make_views = B.pretrain_views(dataset, CPU, augmentation=augmentation, batch_size=3, seed=0,
+                                          image_size=16, strength=0.0, use_blur=False, num_workers=0)
     batch = next(iter(source))
     views = make_views(batch, torch.Generator().manual_seed(0))
     assert views.shape == (6, 3, 16, 16)
@@ -109,8 +115,8 @@ def test_folder_evaluation_preprocesses_once(tmp_path, size):
     originals = [_random_image(64, 48, seed=i) for i in range(3)]
     for i, img in enumerate(originals):
         _save(img, tmp_path / "c" / f"{i}.png")
-    dataset, preprocess = B.eval_inputs(ImageFolderDataset(tmp_path, image_size=size, mode="train"), size)
-    images, _ = next(iter(B.eval_batches(dataset, 3, 0, 1, torch.device("cpu"))))
+    dataset, preprocess = ImageFolderDataset(tmp_path, image_size=size, mode="train").eval_inputs(size)
+    images, _ = next(iter(B.eval_batches(dataset, 3, CPU)))
     got = preprocess(images)
     expected = EvalTransform(size)(torch.stack(originals))
     assert got.shape == expected.shape == (3, 3, size, size)
@@ -120,16 +126,16 @@ def test_folder_evaluation_preprocesses_once(tmp_path, size):
 def test_in_memory_evaluation_keeps_the_batched_transform():
     dataset = TensorImageDataset(_random_image(48, 48, 0)[None].repeat(2, 1, 1, 1), torch.tensor([0, 1]), ("a", "b"),
                                  "mem")
-    same, preprocess = B.eval_inputs(dataset, 40)
+    same, preprocess = dataset.eval_inputs(40)
     assert same is dataset and preprocess.crop
 
 
 def test_fine_tuning_folder_batches_are_crops_and_the_batch_only_flips(tmp_path):
     for i in range(4):
         _save(_random_image(30, 50, seed=i), tmp_path / "c" / f"{i}.png")
-    dataset, augment = B.crop_flip_inputs(ImageFolderDataset(tmp_path, image_size=16), 16)
+    dataset, augment = ImageFolderDataset(tmp_path, image_size=16).crop_flip_inputs(16)
     assert dataset.mode == "train" and dataset.crops == 1
-    images, _ = next(iter(B.train_batches(dataset, 4, 0, 0, 1, torch.device("cpu"), num_workers=0)))
+    images, _ = next(iter(B.train_batches(dataset, 4, CPU, seed=0, num_workers=0)))
     assert images.shape == (4, 3, 16, 16)
     out = augment(images, torch.Generator().manual_seed(0))
     x = images.float() / 255
@@ -145,7 +151,7 @@ def _ids_dataset(n: int) -> TensorImageDataset:
 
 def test_step_batches_are_a_pure_function_of_the_step():
     dataset, batch, seed = _ids_dataset(11), 3, 5
-    stream = B.StepBatches(dataset, batch, seed, 0, 1, torch.device("cpu"))
+    stream = B.StepBatches(dataset, batch, CPU, seed=seed)
     per_epoch = 11 // batch
     for step in [0, 1, 2, 3, 4, 9, 2, 7, 8]:  # in order, across epochs, and jumping back and forth
         epoch, index = divmod(step, per_epoch)
@@ -153,16 +159,16 @@ def test_step_batches_are_a_pure_function_of_the_step():
         _, labels = stream(step)
         assert labels.tolist() == order[index * batch:(index + 1) * batch].tolist(), step
     with pytest.raises(DataError, match="labelled images give no batch of 12"):
-        B.StepBatches(dataset, 12, seed, 0, 1, torch.device("cpu"))
+        B.StepBatches(dataset, 12, CPU, seed=seed)
 
 
 def test_step_batches_over_an_image_folder(tmp_path):
     for i in range(5):
         _save(_random_image(20, 20, seed=i), tmp_path / f"c{i % 2}" / f"{i}.png")
     dataset = ImageFolderDataset(tmp_path, image_size=8, mode="train")
-    stream = B.StepBatches(dataset, 2, 1, 0, 1, torch.device("cpu"), num_workers=0)
+    stream = B.StepBatches(dataset, 2, CPU, seed=1, num_workers=0)
     sequential = [stream(s) for s in range(5)]
-    again = B.StepBatches(dataset, 2, 1, 0, 1, torch.device("cpu"), num_workers=0)
+    again = B.StepBatches(dataset, 2, CPU, seed=1, num_workers=0)
     for step in (3, 1, 4):
         images, labels = again(step)
         assert torch.equal(images, sequential[step][0]) and torch.equal(labels, sequential[step][1])
@@ -209,10 +215,10 @@ def test_evaluation_loaders_take_the_worker_count_and_end_with_their_pass(tmp_pa
     for i in range(4):
         _save(_random_image(20, 30, i), tmp_path / "c" / f"{i}.png")
     dataset = ImageFolderDataset(tmp_path, image_size=16, mode="eval")
-    loader = B.eval_batches(dataset, 2, 0, 1, torch.device("cpu"), num_workers=1)
+    loader = B.eval_batches(dataset, 2, CPU, num_workers=1)
     assert loader.dataloader.num_workers == 1 and not loader.dataloader.persistent_workers
     assert sum(len(images) for images, _ in loader) == 4
-    training = B.train_batches(dataset, 2, 0, 0, 1, torch.device("cpu"), num_workers=1)
+    training = B.train_batches(dataset, 2, CPU, seed=0, num_workers=1)
     assert training.dataloader.persistent_workers  # the training loader is reused every epoch
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from simclrv2.data.datasets import DataError, ImageFolderDataset, build_dataset, decode_rgb
+from simclrv2.data.datasets import build_dataset
+from simclrv2.data.errors import DataError
+from simclrv2.data.folder import ImageFolderDataset, decode_rgb
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

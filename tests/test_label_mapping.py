@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 
 from simclrv2.config import ConfigError, DataConfig, LabelConfig
-from simclrv2.data.datasets import DataError, ImageFolderDataset, TensorImageDataset, build_dataset
+from simclrv2.data.datasets import build_dataset
+from simclrv2.data.errors import DataError
+from simclrv2.data.folder import ImageFolderDataset
+from simclrv2.data.in_memory import TensorImageDataset
 from simclrv2.data.subsets import read_subset_file
 from simclrv2.data.splits import labelled_indices, take_subset
 

@@ -14,7 +14,7 @@ import simclrv2
 from simclrv2.config import PRESETS, ConfigError
 from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
 from simclrv2.export import save_safetensors
-from simclrv2.models import build_simclrv2_model, count_parameters
+from simclrv2.models import count_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = [f"r{d}_{w}x_sk{sk}" for d, w, sk in itertools.product((50, 101, 152), (1, 2, 3), (0, 1))]

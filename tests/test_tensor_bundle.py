@@ -170,7 +170,6 @@ def test_bundle_written_here_reads_back(tmp_path):
 
 def _hostile(name):
     """(tensors, header, key to read, error) for one hostile bundle; checksums are all valid."""
-    floats = np.zeros(4, np.float32).tobytes()
     big = 1 << 60
     cases = {
         "size past the file": ({"t": _entry(1, (big,), size=big * 4)}, None, "t", "past the end of the file"),

@@ -38,26 +38,23 @@ kernel of ``augment_kernel.py`` instead (the same function in one compiled pass 
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from simclrv2.data import augment_kernel
+from simclrv2.data.blur import blur_kernel_radius, gaussian_blur, gaussian_taps
+from simclrv2.data.color import COLOR_OPS, color_jitter_, to_grayscale
+from simclrv2.data.crops import same_boxes, sample_crop_boxes
+from simclrv2.data.image_batch import as_rgb, check_batch, float32_math
+from simclrv2.data.resize import INTERPOLATIONS, interpolation_taps, resize_boxes
 
 CPU_CHUNK_PIXELS = 1_200_000  # pixels per chunk on CPU (keeps intermediates cache-resident)
-CROP_PROPORTION = 0.875  # official CROP_PROPORTION, used for eval centre crops (ImageNet standard)
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale
-_OPS = ("brightness", "contrast", "saturation", "hue")
+ViewMaker = Callable[[Any, torch.Generator], Tensor]  # (batch, generator) -> views (2B, 3, S, S)
 
 
-# ----------------------------------------------------------------------------------------------
-# Parameters
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class AugmentParams:
     """Per-image random parameters of one SimCLR view; every field has the batch as first dim.
@@ -93,302 +90,6 @@ def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generato
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
-FIRST_CROP_ATTEMPTS = 8  # attempts judged for every image; the rest only where these all fail
-
-
-def sample_crop_boxes(
-    n: int,
-    height: int,
-    width: int,
-    generator: Optional[torch.Generator] = None,
-    area_range: tuple[float, float] = (0.08, 1.0),
-    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
-    min_object_covered: float = 0.1,
-    max_attempts: int = 100,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Random crop boxes ``(y0, x0, h, w)`` following ``tf.image.sample_distorted_bounding_box``.
-
-    Official ``data_util.distorted_bounding_box_crop`` with the arguments ``crop_and_resize``
-    passes. All attempts are drawn at once; each image keeps its first valid attempt and falls
-    back to the whole image when none of ``max_attempts`` is valid. Arithmetic is float32 with
-    round-half-to-even like the C++ kernel's ``lrintf``; as there, the offset is drawn from
-    ``[0, size - crop - 1]`` (a crop never touches the bottom/right edge unless it spans it).
-    On the host only the first ``FIRST_CROP_ATTEMPTS`` are judged for every image, the rest for
-    the images these all fail (the same boxes, a fraction of the work).
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if not 0 < area_range[0] <= area_range[1] <= 1:
-        raise ValueError(f"area_range must satisfy 0 < low <= high <= 1, got {area_range}")
-    if not 0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
-        raise ValueError(f"aspect_ratio_range must satisfy 0 < low <= high, got {aspect_ratio_range}")
-    shape = (max_attempts, n)
-    lo, hi = aspect_ratio_range
-    aspect = torch.rand(shape, generator=generator, device=device) * (hi - lo) + lo
-    u = torch.rand(shape, generator=generator, device=device)
-    judge = functools.partial(first_valid_crop, height=height, width=width, area_range=area_range,
-                              min_object_covered=min_object_covered)
-    lazy = aspect.device.type == "cpu" and max_attempts > FIRST_CROP_ATTEMPTS
-    h, w, found = judge(aspect[:FIRST_CROP_ATTEMPTS], u[:FIRST_CROP_ATTEMPTS]) if lazy else judge(aspect, u)
-    if lazy and not bool(found.all()):
-        rest = (~found).nonzero()[:, 0]
-        h[rest], w[rest], found[rest] = judge(aspect[:, rest], u[:, rest])
-    h = torch.where(found, h, float(height))
-    w = torch.where(found, w, float(width))
-    offsets = torch.rand((2, n), generator=generator, device=device)
-    y0 = torch.minimum(torch.floor(offsets[0] * (height - h)), (height - h - 1).clamp(min=0))
-    x0 = torch.minimum(torch.floor(offsets[1] * (width - w)), (width - w - 1).clamp(min=0))
-    return torch.stack([y0, x0, h, w], dim=1).long()
-
-
-def first_valid_crop(aspect: Tensor, u: Tensor, height: int, width: int, area_range: tuple[float, float],
-                     min_object_covered: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Height and width (float32) of each column's first valid crop attempt, and whether it had
-    one: attempt ``i`` of image ``j`` uses ``aspect[i, j]`` and ``u[i, j]`` (its height draw),
-    as in TensorFlow's ``GenerateRandomCrop`` loop."""
-    f32 = torch.float32
-    image_area = float(width * height)
-    min_area = torch.tensor(area_range[0], dtype=f32) * image_area
-    max_area = torch.tensor(area_range[1], dtype=f32) * image_area
-    h = torch.round(torch.sqrt(min_area / aspect))
-    max_h = torch.round(torch.sqrt(max_area / aspect))
-    too_wide = torch.round(max_h * aspect) > width
-    capped = torch.floor((width + 0.5 - 1e-7) / aspect.double()).to(f32)
-    capped = torch.where(torch.round(capped * aspect) > width, capped - 1, capped)
-    max_h = torch.where(too_wide, capped, max_h).clamp(max=height)
-    h = torch.minimum(h, max_h)
-    h = h + torch.minimum(torch.floor(u * (max_h - h + 1)), max_h - h)
-    w = torch.round(h * aspect)
-    area = w * h
-    grow = area < min_area
-    h = torch.where(grow, h + 1, h)
-    w = torch.where(grow, torch.round(h * aspect), w)
-    area = w * h
-    shrink = area > max_area
-    h = torch.where(shrink, h - 1, h)
-    w = torch.where(shrink, torch.round(h * aspect), w)
-    area = w * h
-    ok = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
-    ok &= (area >= 1) & (area / image_area >= min_object_covered)  # SatisfiesOverlapConstraints
-    first = ok.to(torch.uint8).argmax(dim=0, keepdim=True)
-    return h.gather(0, first)[0], w.gather(0, first)[0], ok.any(dim=0)
-
-
-def center_crop_box(height: int, width: int, out_height: int, out_width: int,
-                    crop_proportion: float = CROP_PROPORTION) -> tuple[int, int, int, int]:
-    """Aspect-preserving centre crop ``(y0, x0, h, w)`` (official ``data_util.center_crop``)."""
-    aspect = out_width / out_height
-    if aspect > width / height:
-        crop_h = round(crop_proportion / aspect * width)
-        crop_w = round(crop_proportion * width)
-    else:
-        crop_h = round(crop_proportion * height)
-        crop_w = round(crop_proportion * aspect * height)
-    crop_h, crop_w = max(crop_h, 1), max(crop_w, 1)
-    return ((height - crop_h + 1) // 2, (width - crop_w + 1) // 2, crop_h, crop_w)
-
-
-# ----------------------------------------------------------------------------------------------
-# Resampling: per-image separable interpolation matrices
-# ----------------------------------------------------------------------------------------------
-def _keys_cubic(d: Tensor, a: float = -0.5) -> Tensor:
-    d = d.abs()
-    d2, d3 = d * d, d * d * d
-    near = (a + 2) * d3 - (a + 3) * d2 + 1
-    far = a * d3 - 5 * a * d2 + 8 * a * d - 4 * a
-    return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
-
-
-def _triangle(d: Tensor) -> Tensor:
-    return (1 - d.abs()).clamp(min=0)
-
-
-_KERNELS: dict[str, tuple[Callable[[Tensor], Tensor], int]] = {"bicubic": (_keys_cubic, 2), "bilinear": (_triangle, 1)}
-
-
-def interpolation_taps(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                       interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Source indices and weights ``(N, out_size, K)`` resampling the segment ``[start,
-    start+length)`` of an axis of ``in_size`` pixels to ``out_size`` pixels (K = 4 bicubic, 2
-    bilinear).
-
-    Half-pixel centres: output ``s`` samples source position ``start + (s + 0.5) * length /
-    out_size - 0.5``; kernel taps outside the segment get weight 0 and each row is renormalised,
-    as TensorFlow's ``resize_bicubic``/``resize_bilinear`` (``half_pixel_centers=True``) do on the
-    cropped image. No antialiasing, like ``tf.image.resize(antialias=False)``.
-    """
-    if interpolation not in _KERNELS:
-        raise ValueError(f"interpolation must be one of {sorted(_KERNELS)}, got {interpolation!r}")
-    kernel, radius = _KERNELS[interpolation]
-    device = start.device
-    start = start.to(dtype)[:, None, None]
-    length = length.to(dtype)[:, None, None]
-    s = torch.arange(out_size, device=device, dtype=dtype)[None, :, None]
-    centre = start + (s + 0.5) * length / out_size - 0.5
-    taps = torch.floor(centre) + torch.arange(1 - radius, radius + 1, device=device, dtype=dtype)
-    weights = kernel(taps - centre) * ((taps >= start) & (taps < start + length))
-    return taps.long().clamp(0, in_size - 1), weights / weights.sum(-1, keepdim=True)
-
-
-def interpolation_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                         interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Matrices ``(N, out_size, in_size)`` of :func:`interpolation_taps`."""
-    taps, weights = interpolation_taps(start, length, in_size, out_size, interpolation, dtype)
-    matrix = torch.zeros(start.shape[0], out_size, in_size, device=start.device, dtype=dtype)
-    return matrix.scatter_add_(2, taps, weights)
-
-
-def _bilinear_grid(start: Tensor, length: Tensor, in_size: int, out_size: int,
-                   flip: Optional[Tensor] = None) -> Tensor:
-    """``grid_sample`` grids ``(N, 1, out_size, 2)`` for 1-D half-pixel bilinear resampling of the
-    segment ``[start, start+length)``. Sample positions are clamped to the segment's first and
-    last pixel centres, which is exactly TensorFlow's rule of dropping out-of-crop taps."""
-    start, length = start.float()[:, None], length.float()[:, None]
-    s = torch.arange(out_size, device=start.device, dtype=torch.float32)
-    pos = start + (s + 0.5) * length / out_size - 0.5
-    pos = torch.minimum(torch.maximum(pos, start), start + length - 1)
-    if flip is not None:
-        pos = torch.where(flip[:, None], pos.flip(1), pos)
-    x = (pos + 0.5) * (2.0 / in_size) - 1.0  # align_corners=False normalisation
-    return torch.stack([x, torch.zeros_like(x)], dim=-1)[:, None]
-
-
-def _resample_rows(x: Tensor, grid: Tensor) -> Tensor:
-    """Resample the last axis of (N, R, L) along ``grid``; returns (N, R, out_size)."""
-    out = F.grid_sample(x.unsqueeze(2), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.squeeze(2)
-
-
-def resize_boxes(images: Tensor, boxes: Tensor, size: int | tuple[int, int], flip: Optional[Tensor] = None,
-                 interpolation: str = "bicubic") -> Tensor:
-    """Crop each image to its box ``(y0, x0, h, w)`` and resize to ``size``; optionally flip.
-
-    ``images`` (N, C, H, W) uint8 (scaled to [0, 1]) or float; returns float32 (N, C, *size).
-    Both kernels reproduce TensorFlow's half-pixel resize of the cropped image. ``bicubic``
-    (official) is two batched matrix products with per-image interpolation matrices; the result
-    is not clipped (it overshoots slightly, as in TensorFlow). ``bilinear`` is two 1-D
-    ``grid_sample`` passes, about twice as fast on CPU.
-    """
-    if interpolation not in _KERNELS:
-        raise ValueError(f"interpolation must be one of {sorted(_KERNELS)}, got {interpolation!r}")
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    n, c, height, width = images.shape
-    boxes = boxes.to(images.device)
-    flip = None if flip is None else flip.to(images.device)
-    scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
-    if interpolation == "bilinear":
-        rows = _bilinear_grid(boxes[:, 0], boxes[:, 2], height, out_h)
-        cols = _bilinear_grid(boxes[:, 1], boxes[:, 3], width, out_w, flip)
-        x = torch.mul(images.transpose(2, 3).contiguous(), scale).float()  # (N, C, W, H)
-        y = _resample_rows(x.view(n, c * width, height), rows).view(n, c, width, out_h)
-        y = y.transpose(2, 3).contiguous().view(n, c * out_h, width)
-        return _resample_rows(y, cols).view(n, c, out_h, out_w)
-    rows = interpolation_matrix(boxes[:, 0], boxes[:, 2], height, out_h, interpolation) * scale
-    cols = interpolation_matrix(boxes[:, 1], boxes[:, 3], width, out_w, interpolation)
-    if flip is not None:
-        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
-    x = torch.bmm(images.float().reshape(n, c * height, width), cols.transpose(1, 2))  # (N, C*H, out_w)
-    return torch.matmul(rows[:, None], x.view(n, c, height, out_w))  # (N, C, out_h, out_w)
-
-
-# ----------------------------------------------------------------------------------------------
-# Colour ops on float batches (N, 3, H, W) with per-image factors (N,)
-# ----------------------------------------------------------------------------------------------
-def _per_image(v: Tensor, x: Tensor) -> Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """SimCLRv2 multiplicative brightness (official ``random_brightness``, impl='simclrv2')."""
-    return _brightness_(x.clone(), factor)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """``tf.image.adjust_contrast``: scale each channel's deviation from its spatial mean."""
-    return _contrast_(x.clone(), factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """``tf.image.adjust_saturation``: HSV saturation times ``factor``, clipped to [0, 1].
-
-    With value V = max and chroma C = max - min, hue is kept and the chroma becomes
-    min(factor * C, V), i.e. every channel's distance below the max is scaled by
-    min(factor, V / C); done in closed form without an HSV round trip.
-    """
-    return _saturation_(x.clone(), factor)
-
-
-def _brightness_(x: Tensor, factor: Tensor) -> Tensor:
-    return x.mul_(_per_image(factor, x))
-
-
-def _contrast_(x: Tensor, factor: Tensor) -> Tensor:
-    n, c = x.shape[:2]
-    mean = x.reshape(n, c, -1).mean(dim=2).view(n, c, 1, 1)
-    f = _per_image(factor, x)
-    return x.mul_(f).add_(mean * (1 - f))
-
-
-def _channel_max_min(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    return r, g, b, torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-
-
-def _saturation_(x: Tensor, factor: Tensor) -> Tensor:
-    _, _, _, vmax, vmin = _channel_max_min(x)
-    scale = torch.minimum(vmax / (vmax - vmin).clamp_(min=1e-12), _per_image(factor, x))
-    return x.sub_(vmax).mul_(scale).add_(vmax)
-
-
-def adjust_hue(x: Tensor, delta: Tensor) -> Tensor:
-    """``tf.image.adjust_hue``: rotate the HSV hue by ``delta`` turns; value and saturation kept.
-
-    Exact HSV rotation in closed form. The hue h in [0, 6) comes from the max channel (R, then
-    G, then B on ties, like TensorFlow's ``rgb_to_hsv``); after the shift each channel is
-    ``max - chroma * w_c(h)`` with the HSV-to-RGB weights ``w_R = clip(2 - |h - 3|, 0, 1)``,
-    ``w_G = clip(|h - 2| - 1, 0, 1)``, ``w_B = clip(|h - 4| - 1, 0, 1)``. Branches are float
-    masks, not ``torch.where``, which is much slower on CPU.
-    """
-    r, g, b, vmax, vmin = _channel_max_min(x)
-    chroma = vmax - vmin
-    is_r = (vmax == r).to(x.dtype)
-    is_g = (vmax == g).to(x.dtype).mul_(1.0 - is_r)
-    is_b = (1.0 - is_r).sub_(is_g)
-    hue = (g - b).mul_(is_r).addcmul_(b - r, is_g).addcmul_(r - g, is_b)
-    hue.div_(chroma.clamp(min=1e-12)).add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)
-    hue.add_(6.0 * _per_image(delta, x)).remainder_(6.0)
-    out = torch.empty_like(x)
-    for c, centre in enumerate((3.0, 2.0, 4.0)):  # hue at which channel c is at its minimum
-        w = (hue - centre).abs_()
-        w = (w.neg_().add_(2.0) if c == 0 else w.sub_(1.0)).clamp_(0.0, 1.0)
-        torch.addcmul(vmax, chroma, w, value=-1.0, out=out[:, c:c + 1])
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _gray_weights(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Made once per device: a host-to-GPU copy would wait for the GPU's queued work."""
-    return torch.tensor(GRAY_WEIGHTS, dtype=dtype).view(1, 3, 1, 1).to(device)
-
-
-def to_grayscale(x: Tensor) -> Tensor:
-    """``tf.image.rgb_to_grayscale`` tiled to 3 channels (official ``to_grayscale``)."""
-    return (x * _gray_weights(x.device, x.dtype)).sum(dim=1, keepdim=True).expand_as(x)
-
-
-def same_boxes(n: int, box: Sequence[int], device: torch.device) -> Tensor:
-    """``n`` copies of one ``(y0, x0, h, w)`` box, filled on ``device`` (no host-to-GPU copy)."""
-    boxes = torch.empty(n, 4, dtype=torch.long, device=device)
-    for column, value in enumerate(box):
-        boxes[:, column] = value
-    return boxes
-
-
-_COLOR_FNS_ = {"brightness": _brightness_, "contrast": _contrast_, "saturation": _saturation_,
-               "hue": adjust_hue}  # may work in place on their (freshly gathered) input
-
-
 def color_jitter(x: Tensor, params: AugmentParams) -> Tensor:
     """Official ``color_jitter_rand``: the 4 ops in each image's own order, clip after each.
 
@@ -396,7 +97,7 @@ def color_jitter(x: Tensor, params: AugmentParams) -> Tensor:
     images scheduled for it at that step, so each image undergoes exactly its 4 ops; the loop is
     over (step, op) pairs, never over images.
     """
-    return _color_jitter_(x.clone(), params, schedule(params)[0])
+    return color_jitter_(x.clone(), params, schedule(params)[0])
 
 
 Plan = tuple[list[list[Tensor]], Tensor, Tensor]
@@ -406,8 +107,8 @@ def schedule(params: AugmentParams) -> Plan:
     """Index subsets for the batch: ``jitter[step][op]`` (images doing colour op ``op`` at
     ``step``), ``grayscale`` and ``blur``. Found with one sort and one read of the counts, on
     the parameters' device: free on the host, a wait for the queued work on a GPU."""
-    jitter_codes = torch.where(params.jitter[:, None], params.order, len(_OPS))  # 4 = not jittered
-    skip = len(_OPS)
+    jitter_codes = torch.where(params.jitter[:, None], params.order, len(COLOR_OPS))  # 4 = not jittered
+    skip = len(COLOR_OPS)
     codes = torch.cat([jitter_codes, torch.where(params.grayscale, 0, skip)[:, None],
                        torch.where(params.blur, 0, skip)[:, None]], dim=1)
     order = torch.argsort(codes, dim=0, stable=True)
@@ -443,70 +144,6 @@ def _send(params: AugmentParams, plan: Optional[Plan], device: torch.device) -> 
     return params, ([[next(jitter) for _ in step] for step in plan[0]], moved[-2], moved[-1])
 
 
-def _color_jitter_(x: Tensor, params: AugmentParams, subsets: list[list[Tensor]]) -> Tensor:
-    """In-place ``color_jitter`` (``x`` must be a float32 tensor the caller owns)."""
-    for step in range(4):
-        for op_index, name in enumerate(_OPS):
-            idx = subsets[step][op_index].to(x.device)
-            if idx.numel():
-                factor = getattr(params, name).to(x.device).index_select(0, idx)
-                x.index_copy_(0, idx, _COLOR_FNS_[name](x.index_select(0, idx), factor).clamp_(0.0, 1.0))
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# Blur
-# ----------------------------------------------------------------------------------------------
-def blur_kernel_radius(image_size: int) -> int:
-    """Official ``random_blur``: kernel_size = image_size // 10, radius = int(kernel_size / 2)."""
-    return (image_size // 10) // 2
-
-
-def gaussian_taps(sigma: Tensor, radius: int) -> Tensor:
-    """Per-image normalised 1-D Gaussian taps ``(N, 2*radius+1)`` (official ``gaussian_blur``)."""
-    offsets = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    taps = torch.exp(-offsets[None] ** 2 / (2 * sigma.float()[:, None] ** 2))
-    return taps / taps.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
-    """Separable Gaussian blur of each image with its own sigma; zero ("SAME") padding as the
-    official ``gaussian_blur``; not clipped. Depthwise convolutions with one group per image and
-    channel, except short kernels on CPU (up to 5 taps, i.e. images under 60 px), which are
-    faster as shifted multiply-adds."""
-    n, c, height, width = x.shape
-    if radius <= 0 or n == 0:
-        return x
-    taps = gaussian_taps(sigma.to(x.device), radius).to(x.dtype)
-    size = 2 * radius + 1
-    if x.device.type != "cpu" or radius > 2:
-        k = taps.repeat_interleave(c, dim=0)
-        y = F.conv2d(x.reshape(1, n * c, height, width), k.view(n * c, 1, 1, size), padding=(0, radius), groups=n * c)
-        return F.conv2d(y, k.view(n * c, 1, size, 1), padding=(radius, 0), groups=n * c).view(n, c, height, width)
-    weight = [taps[:, t].view(n, 1, 1, 1) for t in range(size)]
-    padded = F.pad(x, (radius, radius))
-    rows = padded[..., 0:width] * weight[0]
-    for t in range(1, size):
-        rows.addcmul_(padded[..., t:t + width], weight[t])
-    padded = F.pad(rows, (0, 0, radius, radius))
-    out = padded[:, :, 0:height] * weight[0]
-    for t in range(1, size):
-        out.addcmul_(padded[:, :, t:t + height], weight[t])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The augmentation
-# ----------------------------------------------------------------------------------------------
-def _float32_math(method):
-    """Keep image arithmetic in float32 under a caller's autocast: the training step runs inside
-    autocast, where fp16 would overflow the resize and colour ops and bf16 would blur colours."""
-    @functools.wraps(method)
-    def wrapper(self, images: Tensor, *args, **kwargs):
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            return method(self, images, *args, **kwargs)
-    return wrapper
-
 
 class SimCLRAugment:
     """One random SimCLR view of every image in a batch (official ``preprocess_for_train`` +
@@ -539,8 +176,8 @@ class SimCLRAugment:
         for name, p in (("grayscale_p", grayscale_p), ("color_p", color_p), ("blur_p", blur_p)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-        if interpolation not in _KERNELS:
-            raise ValueError(f"interpolation must be one of {sorted(_KERNELS)}, got {interpolation!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
         self.image_size = image_size
         self.strength = color_jitter_strength
         self.use_blur = use_blur
@@ -585,7 +222,7 @@ class SimCLRAugment:
             sigma=_uniform(n, 0.1, 2.0, g, device),
         )
 
-    @_float32_math
+    @float32_math
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """Apply given parameters to (N, C, H, W) images; returns float32 (N, 3, S, S) in [0, 1].
 
@@ -593,12 +230,12 @@ class SimCLRAugment:
         processed in chunks (``chunk_size`` images, default about 1.2 M pixels on CPU) so that
         intermediates stay in cache. Neither changes the result beyond float rounding.
         """
-        _check_batch(images)
+        check_batch(images)
         if len(params) != images.shape[0]:
             raise ValueError(f"got parameters for {len(params)} images but a batch of {images.shape[0]}")
         if self.fused and images.device.type == "cpu" and images.dtype == torch.uint8:
             return self._apply_fused(images, params.to(images.device))
-        images = _as_rgb(images)
+        images = as_rgb(images)
         n = images.shape[0]
         pixels = max(images.shape[2] * images.shape[3], self.image_size**2)
         chunk = self.chunk_size or (max(1, CPU_CHUNK_PIXELS // pixels) if images.device.type == "cpu" else n)
@@ -619,7 +256,7 @@ class SimCLRAugment:
             return x.clamp_(0.0, 1.0)
         jitter, gray, blur = plan
         if self.color:
-            x = _color_jitter_(x, params, jitter)
+            x = color_jitter_(x, params, jitter)
             if gray.numel():
                 x.index_copy_(0, gray, to_grayscale(x.index_select(0, gray)))
         x = x.clamp_(0.0, 1.0)
@@ -645,7 +282,7 @@ class SimCLRAugment:
             params.grayscale & self.color, blur, blur_taps, size)
 
     def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        _check_batch(images)
+        check_batch(images)
         n, _, height, width = images.shape
         return self.apply(images, self.sample_params(n, height, width, generator))
 
@@ -656,27 +293,6 @@ class SimCLRAugment:
         return self(images.repeat(num_views, 1, 1, 1), generator)
 
 
-def crop_resize(image: Tensor, boxes: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:
-    """Crop one image (C, H, W) to each box ``(y0, x0, h, w)`` and resize to ``size`` x ``size``
-    with TensorFlow's half-pixel kernel (the official ``crop_and_resize`` and eval resize);
-    returns uint8 (V, 3, S, S), clipped and rounded.
-
-    Image-folder workers use it to cut training crops from the full decoded image, so that the
-    batched augmentation only has to flip, jitter and blur.
-    """
-    if image.dim() != 3:
-        raise ValueError(f"expected one image (C, H, W), got shape {tuple(image.shape)}")
-    boxes = torch.as_tensor(boxes, dtype=torch.long).view(-1, 4)
-    _, height, width = image.shape
-    if augment_kernel.available() and image.dtype == torch.uint8 and image.device.type == "cpu":
-        taps_y, weights_y = interpolation_taps(boxes[:, 0], boxes[:, 2], height, size, interpolation)
-        taps_x, weights_x = interpolation_taps(boxes[:, 1], boxes[:, 3], width, size, interpolation)
-        return augment_kernel.resize_crops(image, taps_y, weights_y, taps_x.transpose(1, 2),
-                                           weights_x.transpose(1, 2), size)
-    views = resize_boxes(_as_rgb(image[None]).expand(boxes.shape[0], -1, -1, -1), boxes, size,
-                         interpolation=interpolation)
-    return views.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-
 
 def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool = True) -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
@@ -686,102 +302,7 @@ def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool
                          interpolation=interpolation)
 
 
-class EvalTransform:
-    """Deterministic evaluation preprocessing (official ``preprocess_for_eval``).
-
-    For ``image_size > 32``: aspect-preserving centre crop of 0.875 then resize. For 32 px or
-    less: no crop (official ``test_crop=False``); images are only resized when their size
-    differs from ``image_size``. Returns float32 (N, 3, S, S) in [0, 1].
-    """
-
-    def __init__(self, image_size: int, crop: Optional[bool] = None, crop_proportion: float = CROP_PROPORTION,
-                 interpolation: str = "bicubic"):
-        self.image_size = image_size
-        self.crop = image_size > 32 if crop is None else crop
-        self.crop_proportion = crop_proportion
-        self.interpolation = interpolation
-
-    @_float32_math
-    def __call__(self, images: Tensor) -> Tensor:
-        _check_batch(images)
-        images = _as_rgb(images)
-        n, _, height, width = images.shape
-        size = self.image_size
-        if not self.crop and (height, width) == (size, size):
-            x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-            return x.clamp(0.0, 1.0)
-        box = center_crop_box(height, width, size, size, self.crop_proportion) if self.crop else (0, 0, height, width)
-        return resize_boxes(images, same_boxes(n, box, images.device), size,
-                            interpolation=self.interpolation).clamp_(0.0, 1.0)
-
-
-def _check_batch(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"expected an image batch of shape (N, 1 or 3, H, W), got {shape}")
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
-
-
-def _as_rgb(images: Tensor) -> Tensor:
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-# ----------------------------------------------------------------------------------------------
-# Classic per-image torchvision pipeline (reference / --augmentation torchvision)
-# ----------------------------------------------------------------------------------------------
-def torchvision_simclr_transform(image_size: int, s: float = 1.0, blur: Optional[bool] = None,
-                                 color: bool = True, interpolation: str = "bilinear"):
-    """The usual per-image PIL SimCLR pipeline from torchvision, returning a float tensor.
-
-    RandomResizedCrop(0.08-1, 3/4-4/3), flip, RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s),
-    p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur, p=0.5) with the official kernel size,
-    ToTensor. ``blur`` defaults to the official rule (on above 32 px); ``interpolation`` is the
-    crop resize (torchvision's default bilinear; the official code uses bicubic). Note
-    torchvision's brightness/contrast/saturation differ in detail from TensorFlow's.
-    """
-    import torchvision.transforms as T
-
-    blur = image_size > 32 if blur is None else blur
-    ops = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                               interpolation=T.InterpolationMode(interpolation)),
-           T.RandomHorizontalFlip()]
-    if color and s > 0:
-        ops.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=0.8))
-    if color:
-        ops.append(T.RandomGrayscale(p=0.2))
-    radius = blur_kernel_radius(image_size)
-    if blur and radius > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(2 * radius + 1, sigma=(0.1, 2.0))], p=0.5))
-    ops.append(T.ToTensor())
-    return T.Compose(ops)
-
-
-class PILViewsDataset(torch.utils.data.Dataset):
-    """Wraps a dataset of uint8 (C, H, W) images, returning ``(views, label)`` where ``views`` is
-    float (num_views, 3, S, S) made by a per-image PIL ``transform``: the classic pipeline."""
-
-    def __init__(self, dataset, transform, num_views: int = 2):
-        self.dataset, self.transform, self.num_views = dataset, transform, num_views
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        sample = self.dataset[index]
-        image, label = sample[0], sample[1]
-        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-        pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-        views = torch.stack([self.transform(pil) for _ in range(self.num_views)])
-        return views, (-1 if label is None else label)
-
-
-__all__: Sequence[str] = (
-    "AugmentParams", "SimCLRAugment", "EvalTransform", "crop_resize", "finetune_augment",
-    "torchvision_simclr_transform", "PILViewsDataset", "sample_crop_boxes", "center_crop_box",
-    "interpolation_matrix", "resize_boxes", "adjust_brightness", "adjust_contrast", "adjust_saturation",
-    "adjust_hue", "to_grayscale", "color_jitter", "gaussian_blur", "gaussian_taps", "blur_kernel_radius",
-    "CROP_PROPORTION",
-)
+def first_then_second(pairs: Tensor) -> Tensor:
+    """(B, 2, ...) per-image pairs as (2B, ...): every image's first, then every image's second,
+    the row layout of :meth:`SimCLRAugment.views`."""
+    return pairs.transpose(0, 1).flatten(0, 1)

@@ -1,10 +1,10 @@
 """Fused CPU kernel for :class:`~simclrv2.data.augment.SimCLRAugment` (Numba).
 
-On the CPU the tensor implementation in ``augment.py`` makes one pass over memory per
+On the CPU the tensor implementation (``augment.py`` and its ops) makes one pass over memory per
 elementary op (about 60 per view) and loses most of its time to memory traffic and per-op
 overhead. This kernel does a whole view of one image in a single compiled function, while the
 image stays in the L1/L2 cache, with images spread over the cores: separable crop-and-resize
-(the same taps as ``augment.interpolation_taps``), flip, the colour ops in each image's order
+(the same taps as ``resize.interpolation_taps``), flip, the colour ops in each image's order
 with a clip after each, grayscale, the final clip and the Gaussian blur. It computes the same
 function as the tensor path (``tests/test_augment_kernel.py`` checks it to 1e-5); only the
 rounding differs, since it fuses multiply-adds and sums in a different order.
@@ -113,7 +113,7 @@ if numba is not None:
 
     @njit(**_OPTS)
     def _hue(r, g, b, delta):
-        """HSV hue rotation in closed form, as ``augment.adjust_hue``."""
+        """HSV hue rotation in closed form, as ``color.adjust_hue``."""
         shift = _SIX * delta
         for p in range(r.shape[0]):
             vr, vg, vb = r[p], g[p], b[p]

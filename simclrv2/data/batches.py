@@ -1,8 +1,10 @@
 """What the stages ask of the data layer: batch sources, view makers and preprocessing.
 
 Each stage iterates a *batch source* (``set_epoch(epoch, start_batch)``, ``len``, iteration
-yielding ``(images, labels)``) and turns each batch into model inputs on the device. Two
-pretraining paths exist (``--augmentation``):
+yielding ``(images, labels)``) and turns each batch into model inputs on the device. Every
+dataset kind (:class:`~.datasets.ImageDataset`) says itself how it is batched and what its
+batches still need, so nothing here asks which kind it is. Two pretraining paths exist
+(``--augmentation``):
 
 * ``batched`` (default): uint8 images are gathered straight from memory and augmented as
   whole tensor batches on the device with per-image random parameters drawn from a
@@ -13,96 +15,65 @@ pretraining paths exist (``--augmentation``):
   in the workers, so resumption continues the schedule but not the exact random views.
 
 Worker-side randomness is seeded per sample (``loader._sample_seed``), so folder runs also
-resume exactly.
+resume exactly. ``rt`` is the stage's :class:`~simclrv2.engine.runtime.Runtime` (its rank,
+world size and device place the batches); ``seed`` is the stream's shuffling seed.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .augment import EvalTransform, PILViewsDataset, SimCLRAugment, finetune_augment, torchvision_simclr_transform
-from .datasets import DataError, ImageFolderDataset, build_dataset
-from .loader import PRELOAD_MAX_BYTES, FileLoader, make_loader, shard_indices
+from .augment import ViewMaker, first_then_second
+from .datasets import ImageDataset, build_dataset
+from .errors import DataError
+from .loader import PRELOAD_MAX_BYTES, FileLoader, shard_indices
+from .torchvision_views import PILViewsDataset, torchvision_simclr_transform
 
-ViewMaker = Callable[[Any, torch.Generator], Tensor]
-
-
-def _first_then_second(pairs: Tensor) -> Tensor:
-    """(B, 2, ...) per-image pairs as (2B, ...): every image's first, then every image's second."""
-    return pairs.transpose(0, 1).flatten(0, 1)
-
-
-def native_image_size(dataset: Any) -> int:
-    """Side length of the dataset's images (in-memory sets) or its decode size (folders)."""
-    return int(dataset.image_size)
-
-
-def train_batches(dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
-                  device: torch.device, num_workers: Optional[int] = None) -> Any:
-    """Shuffled, sharded, full batches of ``(uint8 images, labels)`` on ``device``."""
-    return make_loader(dataset, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
-                       world_size=world_size, device=device, num_workers=num_workers)
-
-
-def eval_batches(dataset: Any, batch_size: int, rank: int, world_size: int, device: torch.device,
-                 num_workers: Optional[int] = None) -> Any:
-    """Every example exactly once over all ranks, in order, no padding. One pass, so image
-    folders get workers that end with it (not persistent ones left behind by each evaluation)."""
-    return make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, rank=rank,
-                       world_size=world_size, device=device, num_workers=num_workers, persistent_workers=False)
-
+if TYPE_CHECKING:
+    from simclrv2.engine.runtime import Runtime
 
 AUGMENTATIONS = ("batched", "torchvision")
 
 
-def pretrain_views(kind: str, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int,
-                   device: torch.device, image_size: int, strength: float, use_blur: bool,
+def native_image_size(dataset: ImageDataset) -> int:
+    """Side length of the dataset's images (in-memory sets) or its decode size (folders)."""
+    return int(dataset.image_size)
+
+
+def train_batches(dataset: ImageDataset, batch_size: int, rt: "Runtime", *, seed: int,
+                  num_workers: Optional[int] = None) -> Any:
+    """Shuffled, sharded, full batches of ``(uint8 images, labels)`` on ``rt.device``."""
+    return dataset.loader(batch_size, rt, shuffle=True, drop_last=True, seed=seed, num_workers=num_workers)
+
+
+def eval_batches(dataset: ImageDataset, batch_size: int, rt: "Runtime", *, num_workers: Optional[int] = None) -> Any:
+    """Every example exactly once over all ranks, in order, no padding. One pass, so image
+    folders get workers that end with it (not persistent ones left behind by each evaluation)."""
+    return dataset.loader(batch_size, rt, shuffle=False, drop_last=False, seed=0, num_workers=num_workers,
+                          persistent_workers=False)
+
+
+def pretrain_views(dataset: ImageDataset, rt: "Runtime", *, augmentation: str, batch_size: int, seed: int,
+                   image_size: int, strength: float, use_blur: bool,
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
     """(batch source, ``make_views(batch, generator) -> views``) for pretraining: ``views`` is
     (2B, 3, S, S), the first view of every image in rows ``[0, B)`` and the second in ``[B, 2B)``
     (the layout NT-Xent takes)."""
-    if kind == "batched":
-        folder = isinstance(dataset, ImageFolderDataset)
-        if folder:  # each sample arrives as its two crops (B, 2, 3, S, S)
-            dataset = dataset.with_mode("train", crops=2)
-        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=not folder)
-
-        def make_views(batch: Any, generator: torch.Generator) -> Tensor:
-            images = batch[0]
-            if folder:  # both crops in one call, as SimCLRAugment.views does
-                return augment(_first_then_second(images), generator)
-            return augment.views(images, 2, generator)
-        return train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers), make_views
-    if kind == "torchvision":
+    if augmentation == "batched":
+        views_set, make_views = dataset.pretrain_inputs(image_size, strength, use_blur)
+        return train_batches(views_set, batch_size, rt, seed=seed, num_workers=num_workers), make_views
+    if augmentation == "torchvision":  # the PIL transform crops the full image itself
         transform = torchvision_simclr_transform(image_size, strength, blur=use_blur)
-        if isinstance(dataset, ImageFolderDataset):  # the PIL transform crops the full image itself
-            dataset = dataset.with_mode("decode")
-        views_set = PILViewsDataset(dataset, transform, num_views=2)
-        source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
-                            world_size=world_size, num_workers=num_workers, device=device)
+        views_set = PILViewsDataset(dataset.full_images(), transform, num_views=2)
+        source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rt.rank,
+                            world_size=rt.world_size, num_workers=num_workers, device=rt.device)
 
         def pil_views(batch: Any, generator: torch.Generator) -> Tensor:
-            return _first_then_second(batch[0])
+            return first_then_second(batch[0])
         return source, pil_views
-    raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
-
-
-def crop_flip_inputs(dataset: Any, image_size: int) -> tuple[Any, SimCLRAugment]:
-    """(dataset to load, batch augmentation) for fine-tuning and distillation: random resized
-    crop + flip (paper section 3). Image folders crop the full image in the workers."""
-    if isinstance(dataset, ImageFolderDataset):
-        return dataset.with_mode("train"), finetune_augment(image_size, crop=False)
-    return dataset, finetune_augment(image_size)
-
-
-def eval_inputs(dataset: Any, image_size: int) -> tuple[Any, EvalTransform]:
-    """(dataset to load, batch preprocessing) for evaluation and feature extraction: the
-    official centre crop above 32 px, then resize. Image folders do both in the workers."""
-    if isinstance(dataset, ImageFolderDataset):
-        return dataset.with_mode("eval"), EvalTransform(image_size, crop=False)
-    return dataset, EvalTransform(image_size)
+    raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
 
 
 def split_size(dataset: str, data_dir: Optional[str], split: str) -> int:
@@ -148,12 +119,12 @@ class StepBatches:
     own; consecutive steps read one loader in order, any other step restarts it there.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device,
+    def __init__(self, dataset: ImageDataset, batch_size: int, rt: "Runtime", *, seed: int,
                  num_workers: Optional[int] = None):
-        if not 1 <= batch_size <= len(dataset) // world_size:
+        if not 1 <= batch_size <= len(dataset) // rt.world_size:
             raise DataError(f"{len(dataset)} labelled images give no batch of {batch_size} per process; lower "
                             "--train-batch-size or raise --label-fraction / --labels-per-class")
-        self.loader = train_batches(dataset, batch_size, seed, rank, world_size, device, num_workers)
+        self.loader = train_batches(dataset, batch_size, rt, seed=seed, num_workers=num_workers)
         self._next_step: Optional[int] = None
         self._batches: Optional[Iterator[Any]] = None
 

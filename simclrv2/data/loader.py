@@ -20,12 +20,15 @@ resumption mid-epoch; ``len(loader)`` is always the full number of batches per e
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .datasets import DataError, TensorImageDataset
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .in_memory import TensorImageDataset
 
 PRELOAD_MAX_BYTES = 4 << 30  # keep datasets up to this size on the accelerator
 MAX_DEFAULT_WORKERS = 32  # ~6 000 two-view 224 px JPEG images/s: more than one GPU consumes
@@ -91,7 +94,7 @@ class InMemoryLoader(_Sharded):
     in memory and are replicated per batch.
     """
 
-    def __init__(self, dataset: TensorImageDataset, batch_size: int, shuffle: bool = True,
+    def __init__(self, dataset: "TensorImageDataset", batch_size: int, shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: Union[str, torch.device] = "cpu", preload: Optional[bool] = None):
         super().__init__(len(dataset), batch_size, shuffle, drop_last, seed, rank, world_size)
@@ -227,14 +230,3 @@ def make_dataloader(dataset, batch_size: int, shuffle: bool = True, drop_last: b
     return FileLoader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, num_workers,
                       pin_memory, persistent_workers, device)
 
-
-def make_loader(dataset, batch_size: int, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
-                rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu",
-                num_workers: Optional[int] = None,
-                persistent_workers: bool = True) -> Union[InMemoryLoader, FileLoader]:
-    """:class:`InMemoryLoader` for tensor datasets, else :func:`make_dataloader` (moving batches
-    to ``device``)."""
-    if isinstance(dataset, TensorImageDataset):
-        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, device)
-    return make_dataloader(dataset, batch_size, shuffle, drop_last, seed, rank, world_size, num_workers,
-                           device=device, persistent_workers=persistent_workers)

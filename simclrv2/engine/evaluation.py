@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from simclrv2.data import batches as B
-from simclrv2.data.datasets import DataError
+from simclrv2.data.errors import DataError
 from simclrv2.data.splits import load_split
 from simclrv2.engine.runtime import Runtime, to_device_images
 
@@ -61,7 +61,7 @@ def evaluate_model(net: torch.nn.Module, cfg_data: Any, image_size: int, rt: Run
     """Top-1 / top-5 of ``net``'s logits on ``dataset``, by default the configured evaluation split."""
     if dataset is None:
         dataset = load_split(cfg_data, cfg_data.eval_split, image_size)
-    eval_set, preprocess = B.eval_inputs(dataset, image_size)
+    eval_set, preprocess = dataset.eval_inputs(image_size)
     net.eval()
     return evaluate_classifier(lambda x: net(x)[1], B.eval_batches(
-        eval_set, cfg_data.eval_batch_size, rt.rank, rt.world_size, rt.device, cfg_data.num_workers), rt, preprocess)
+        eval_set, cfg_data.eval_batch_size, rt, num_workers=cfg_data.num_workers), rt, preprocess)

@@ -100,14 +100,13 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = build_optimizer(student, cfg.optim)
     lr_fn, total_steps = make_schedule(cfg.optim, len(unlabeled))
     local_batch = C.local_batch_size(cfg.optim, rt)
-    crops, augment = B.crop_flip_inputs(unlabeled, image_size)
-    batches = B.train_batches(crops, local_batch, cfg.runtime.seed, rt.rank, rt.world_size, rt.device,
-                              cfg.data.num_workers)
+    crops, augment = unlabeled.crop_flip_inputs(image_size)
+    batches = B.train_batches(crops, local_batch, rt, seed=cfg.runtime.seed, num_workers=cfg.data.num_workers)
     labelled_batches = None
     if labelled is not None:  # the same kind of dataset as `unlabeled`, so `augment` serves both streams
-        labelled_batches = B.StepBatches(B.crop_flip_inputs(labelled, image_size)[0],
-                                         min(local_batch, len(labelled) // rt.world_size), cfg.runtime.seed + 1,
-                                         rt.rank, rt.world_size, rt.device, cfg.data.num_workers)
+        labelled_batches = B.StepBatches(labelled.crop_flip_inputs(image_size)[0],
+                                         min(local_batch, len(labelled) // rt.world_size), rt,
+                                         seed=cfg.runtime.seed + 1, num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)
     tau, alpha = cfg.distill_temperature, cfg.distill_alpha
 

@@ -73,9 +73,9 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = build_optimizer(model, cfg.optim)
     lr_fn, total_steps = make_schedule(cfg.optim, len(labelled))
-    crops, augment = B.crop_flip_inputs(labelled, image_size)
-    batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
-                              rt.world_size, rt.device, cfg.data.num_workers)
+    crops, augment = labelled.crop_flip_inputs(image_size)
+    batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), rt, seed=cfg.runtime.seed,
+                              num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)
 
     def step_fn(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -32,10 +32,9 @@ from simclrv2.stages import common as C
 def _features(model: torch.nn.Module, selector: int, dataset: Any, batch: int, rt: Runtime, image_size: int,
               num_workers: Optional[int]):
     head = model.projection_head
-    dataset, preprocess = B.eval_inputs(dataset, image_size)
+    dataset, preprocess = dataset.eval_inputs(image_size)
     return extract_features(lambda x: head.hidden_at(model.encoder(x), selector),
-                            B.eval_batches(dataset, batch, rt.rank, rt.world_size, rt.device, num_workers), rt,
-                            preprocess)
+                            B.eval_batches(dataset, batch, rt, num_workers=num_workers), rt, preprocess)
 
 
 def validate(cfg: LinearEvalConfig, prefix: str = "") -> None:

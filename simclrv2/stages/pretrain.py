@@ -60,8 +60,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
     use_blur = image_size > 32 if cfg.data.use_blur is None else cfg.data.use_blur
     batches, make_views = B.pretrain_views(
-        cfg.data.augmentation, train_set, C.local_batch_size(cfg.optim, rt), cfg.runtime.seed, rt.rank,
-        rt.world_size, rt.device, image_size, cfg.data.color_jitter_strength, use_blur, cfg.data.num_workers)
+        train_set, rt, augmentation=cfg.data.augmentation, batch_size=C.local_batch_size(cfg.optim, rt),
+        seed=cfg.runtime.seed, image_size=image_size, strength=cfg.data.color_jitter_strength, use_blur=use_blur,
+        num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)
     stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
 
@@ -103,13 +104,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         ema_update_(momentum_net, unwrap(net), cfg.memory_momentum)
 
     if has_labels:
-        eval_set, preprocess = B.eval_inputs(load_split(cfg.data, cfg.data.eval_split, image_size), image_size)
+        eval_set, preprocess = load_split(cfg.data, cfg.data.eval_split, image_size).eval_inputs(image_size)
 
     def linear_eval(epoch: int) -> dict[str, Any]:
         """Accuracy of the linear head trained on stop-gradient features (official monitor)."""
         net.eval()
-        eval_loader = B.eval_batches(eval_set, cfg.data.eval_batch_size, rt.rank, rt.world_size, rt.device,
-                                     cfg.data.num_workers)
+        eval_loader = B.eval_batches(eval_set, cfg.data.eval_batch_size, rt, num_workers=cfg.data.num_workers)
         result = evaluate_classifier(lambda x: net(x)[1], eval_loader, rt, preprocess)
         return {"linear_eval_top1": result["top1"], "linear_eval_top5": result["top5"]}
 
