@@ -88,7 +88,7 @@ def test_one_training_step_matches_the_cpu(device):
         loss = nt_xent(model(views.to(dev))[0], 0.1)[0]
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         states.append({k: v for k, v in model.state_dict().items() if v.is_floating_point()})
     assert abs(losses[0] - losses[1]) < 1e-3
     assert max(_max_diff(states[0][k], states[1][k]) for k in states[0]) < 1e-4
