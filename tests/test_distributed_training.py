@@ -254,6 +254,9 @@ def _worker(rank: int, tmpdir: str) -> None:
                    ddp=isinstance(pre["net"], nn.parallel.DistributedDataParallel))
         out["moco"] = _moco_run(data, rt, Path(tmpdir) / "moco")
         out["resume"] = _resume_case(rt, Path(tmpdir) / "resume")
+        if rank == 0:  # a user's own code loading a model on one rank only: no collective inside
+            out["alone"] = ckpt_lib.resolve_checkpoint(str(Path(tmpdir) / "pretrain")).name
+        out["paired"] = D.broadcast_object(f"after, from rank {rank}")
         torch.save(out, os.path.join(tmpdir, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -354,6 +357,12 @@ def test_evaluation_counts_every_example_once(runs):
         assert ev["result"]["num_examples"] == EVAL_SIZE
         assert (ev["result"]["top1"], ev["result"]["top5"]) == pytest.approx(ev["expected"], abs=1e-9)
     assert ranks[0]["eval"]["result"] == ranks[1]["eval"]["result"]
+
+
+def test_one_rank_alone_can_resolve_a_run_folder(runs):
+    _, ranks, _ = runs
+    assert ranks[0]["alone"].startswith("ckpt-")
+    assert [out["paired"] for out in ranks] == ["after, from rank 0"] * WORLD  # collectives still paired
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(runs):

@@ -299,21 +299,23 @@ def latest_checkpoint_of_all_ranks(run_dir: Path, map_location: Any = "cpu") -> 
 
 
 def resolve_checkpoint(path_or_run_dir: str) -> Path:
-    """A ``.pt`` file as given, or a run folder's newest valid checkpoint: rank 0's choice, so
-    under a process group every rank must call it."""
+    """A ``.pt`` file as given, or a run folder's newest valid checkpoint (this process's own
+    look; under a process group use :func:`resolve_checkpoint_of_all_ranks`)."""
     path = Path(path_or_run_dir)
     if path.is_dir():
-        return distributed.decided_by_main(lambda: _newest_valid(path))
+        found = latest_valid_checkpoint(path, fix="pass --checkpoint another run folder or a .pt file")
+        if found is None:
+            raise CheckpointError(f"run folder {path} holds no valid checkpoint under {CHECKPOINT_DIR}/")
+        return found[0]
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path} does not exist; pass a .pt file or a run folder")
     return path
 
 
-def _newest_valid(run_dir: Path) -> Path:
-    found = latest_valid_checkpoint(run_dir, fix="pass --checkpoint another run folder or a .pt file")
-    if found is None:
-        raise CheckpointError(f"run folder {run_dir} holds no valid checkpoint under {CHECKPOINT_DIR}/")
-    return found[0]
+def resolve_checkpoint_of_all_ranks(path_or_run_dir: str) -> Path:
+    """:func:`resolve_checkpoint` as rank 0 sees it, on every rank: a collective, for the stages,
+    whose ranks must all start from one file."""
+    return distributed.decided_by_main(lambda: resolve_checkpoint(path_or_run_dir))
 
 
 def capture_rng() -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from simclrv2.config import ConfigError, DataConfig, OptimConfig
 from simclrv2.data.batches import native_image_size
-from simclrv2.engine.checkpoint import CHECKPOINT_DIR, load_model, resolve_checkpoint, step_checkpoints
+from simclrv2.engine.checkpoint import CHECKPOINT_DIR, load_model, resolve_checkpoint_of_all_ranks, step_checkpoints
 from simclrv2.engine.run_folder import checkpoint_identity, claim_run_folder, name_run_dir
 from simclrv2.engine.runtime import Runtime
 from simclrv2.models import SimCLRv2Model
@@ -71,8 +71,8 @@ def load_input(checkpoint: str,
                num_classes: Optional[int] = None) -> tuple[SimCLRv2Model, dict[str, Any], dict[str, Any]]:
     """:func:`~simclrv2.engine.checkpoint.load_model` of a run's input checkpoint, with the
     identity of the file it resolved to (path, step, SHA-256), which the run records and compares
-    on resume."""
-    path = resolve_checkpoint(checkpoint)
+    on resume. Every rank loads the file that rank 0 resolved."""
+    path = resolve_checkpoint_of_all_ranks(checkpoint)
     model, ckpt = load_model(str(path), num_classes)
     return model, ckpt, checkpoint_identity(path, ckpt)
 
