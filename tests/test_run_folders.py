@@ -140,6 +140,37 @@ def test_resume_with_other_settings_is_refused_naming_each(capsys, data_dir: Pat
     assert saved["temperature"] == 0.2 and saved["runtime"]["max_steps"] == 2
 
 
+def test_a_run_stopped_before_its_first_checkpoint_takes_corrected_settings(capsys, data_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Nothing was kept to resume, so the fix the error suggests (a lower learning rate) is accepted."""
+    run_dir = tmp_path / "pre"
+    assert main([str(a) for a in _pretrain(data_dir, run_dir, "--learning-rate", "1e30", "--checkpoint-steps", "100")]) == 3
+    assert "no checkpoint was written yet" in capsys.readouterr().err
+    _run(*_pretrain(data_dir, run_dir, "--max-steps", "1"))
+    assert json.loads((run_dir / "config.json").read_text())["optim"]["learning_rate"] != 1e30
+
+
+def test_a_pipeline_refused_before_any_stage_ran_takes_corrected_settings(capsys, data_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    run_dir = tmp_path / "pipe"
+    args = ["pipeline", "--run-dir", run_dir, *RUN, "--pretrain.resnet-depth", "18", "--pretrain.width-multiplier",
+            "0.125", "--label-fractions", "0.5", "--labels-per-class", "", "--max-steps", "1"]
+    expect_one_line_error(capsys, [*args, "--data-dir", tmp_path / "missing"], "not found")
+    _run(*args, "--data-dir", data_dir, "--pretrain.train-batch-size", "16", "--distill.train-batch-size", "16",
+         "--pretrain.train-steps", "1", "--finetune.train-steps", "1", "--baseline.train-steps", "1",
+         "--distill.train-steps", "1", "--linear-eval.train-steps", "1")
+
+
+def test_skipping_bad_images_may_be_turned_on_when_resuming(data_dir: Path, pretrained: Path, tmp_path: Path) -> None:
+    """A decode error mid-epoch advises --skip-bad-images: resuming with it is allowed."""
+    run_dir = tmp_path / "pre"
+    for name, content in _files(pretrained).items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(content)
+    _run(*_pretrain(data_dir, run_dir, "--max-steps", "2", "--skip-bad-images"))
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_a_training_run_of_an_earlier_version_is_resumed_but_not_reused(capsys, data_dir: Path, pretrained: Path,
                                                                          tmp_path: Path) -> None:
     """A folder without ``run.json`` (written before run records) still resumes, with its settings."""

@@ -32,7 +32,7 @@ import torch
 
 from simclrv2 import distributed
 from simclrv2.config import ConfigError, flag_name, to_dict
-from simclrv2.engine.checkpoint import atomic_write
+from simclrv2.engine.checkpoint import CHECKPOINT_DIR, atomic_write, step_checkpoints
 
 LOCK_FILE = "run.lock"
 RECORD_FILE = "run.json"
@@ -42,7 +42,7 @@ RESUMABLE = frozenset({
     "runtime.run_dir", "runtime.resume", "runtime.max_steps", "runtime.device", "runtime.channels_last",
     "runtime.compile", "runtime.num_threads", "data.num_workers", "runtime.progress", "runtime.log_every_steps",
     "runtime.checkpoint_steps", "runtime.keep_checkpoint_max", "runtime.on_nonfinite", "runtime.max_skipped_steps",
-    "data.eval_batch_size",
+    "data.eval_batch_size", "data.skip_bad_images",
 })
 """Settings (``section.option``) a rerun may change: they say where, how fast and how far the run
 goes and what it prints or keeps, not what it computes.
@@ -57,6 +57,8 @@ goes and what it prints or keeps, not what it computes.
 - ``on_nonfinite``, ``max_skipped_steps``: what a non-finite step does; after such a stop the advice is to resume
   with ``skip``.
 - ``eval_batch_size``: evaluation only, whose counts do not depend on the batch.
+- ``skip_bad_images``: the advice of a run stopped by an unreadable image; the steps before it
+  read no such image, so turning it on changes nothing they computed.
 
 Everything else is compared: the model, data, optimiser, label and stage options, the seed,
 ``precision`` and ``global_bn`` (both change the training arithmetic).
@@ -203,7 +205,7 @@ def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: di
         raise ConfigError(f"--run-dir {run_dir} holds a {record.get('command')} run; {command} writes only into its "
                           "own folder: choose another --run-dir")
     saved = read_json(run_dir / CONFIG_FILE)
-    if saved is None:  # the earlier attempt stopped before it began
+    if saved is None or not _work_kept(run_dir, command, trains):  # nothing to continue: settings may be corrected
         return
     settings = changed_settings(saved, config)
     changes = settings + changed_inputs(record.get("inputs") or {}, inputs)
@@ -212,6 +214,18 @@ def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: di
                    f"{', '.join(changes)}); rerun it with its own settings ({run_dir / CONFIG_FILE}) or choose "
                    "another --run-dir")
         raise ConfigError(message) if settings else StaleInputs(message, changes)
+
+
+def _work_kept(run_dir: Path, command: str, trains: bool) -> bool:
+    """Whether the folder holds work that a rerun would continue, so that its settings must not
+    change: a training run's step checkpoints, those of a pipeline's stages, or (for ``evaluate``)
+    the results written with its ``config.json``. A run that stopped before its first checkpoint
+    (diverged, out of memory, bad data) may be rerun with the settings that fix it."""
+    if trains:
+        return bool(step_checkpoints(run_dir / CHECKPOINT_DIR))
+    if command == "pipeline":
+        return any(step_checkpoints(folder) for folder in run_dir.glob(f"*/**/{CHECKPOINT_DIR}"))
+    return True
 
 
 def _leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
