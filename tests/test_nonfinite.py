@@ -121,3 +121,23 @@ def test_a_poisoned_checkpoint_is_refused_and_resume_falls_back(tmp_path: Path) 
     with pytest.warns(UserWarning, match="falling back to ckpt-000000001.pt"):
         path, ckpt = latest_valid_checkpoint(tmp_path)
     assert ckpt["step"] == 1
+
+
+def test_a_skipped_step_leaves_the_batch_norm_statistics_as_they_were(tmp_path: Path) -> None:
+    """An overflowing forward pass writes inf/NaN into BN running statistics before the loss is
+    judged; a skipped step must undo that, or every later save is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+
+    def step_fn(batch, step):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(model(inputs * float("inf") if step == 1 else inputs), targets), {}
+
+    task = TrainTask(stage="toy", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     batches=TensorBatches(x, y, 8), step_fn=step_fn, lr_fn=lambda s: 0.1, total_steps=8,
+                     images_per_step=8, checkpoint_meta={})
+    metrics = train(task, CPU, RuntimeConfig(progress=False, checkpoint_steps=2, on_nonfinite="skip"), tmp_path)
+    assert metrics["step"] == 8 and metrics["skipped_steps"] == 1
+    assert _all_finite(model.state_dict())
+    assert _saved_checkpoints_are_finite(tmp_path)[-1] == 8

@@ -144,6 +144,14 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
+def _batch_norm_statistics(task: TrainTask) -> list[torch.Tensor]:
+    """Running statistics (and counters) of every batch norm in the task's modules: a forward pass
+    updates them before its loss is judged, so a skipped step must put them back."""
+    modules = [task.model, *(obj for obj in task.stateful.values() if isinstance(obj, nn.Module))]
+    return [buffer for module in modules for layer in module.modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) for buffer in layer.buffers()]
+
+
 def _agree(loss: torch.Tensor, grads: list[torch.Tensor], stopping: bool, rt: Runtime) -> tuple[bool, bool]:
     """(loss or a gradient non-finite, stop requested), each OR-ed over all ranks so that every rank
     takes the same branch. Built on the loss's device and read once: the step's only wait for the GPU."""
@@ -340,6 +348,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
         if failure is not None:
             raise failure
 
+    statistics = _batch_norm_statistics(task) if cfg.on_nonfinite == "skip" else []
     task.model.train()
     try:
         with _StopFlag() as stop:
@@ -349,6 +358,7 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     lr = task.lr_fn(step)
                     for group in task.optimizer.param_groups:
                         group["lr"] = lr
+                    kept = [buffer.clone() for buffer in statistics]
                     with rt.autocast():
                         loss, metrics = task.step_fn(batch, step)
                     task.optimizer.zero_grad(set_to_none=True)
@@ -359,6 +369,8 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
                     if nonfinite:
                         skipped += 1
                         _nonfinite_step(loss, step, skipped, cfg, run_dir)
+                        for buffer, before in zip(statistics, kept):
+                            buffer.copy_(before)
                     else:
                         if scaler is not None:
                             scaler.step(task.optimizer)
