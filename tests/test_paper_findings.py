@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,8 +104,6 @@ def test_quick_study_writes_results_and_resumes(tmp_path: Path) -> None:
     assert all(" --seed 0 " in r["command"] and r["seconds"] > 0 for r in results["runs"].values())
     assert "| variant |" in (out / "results.md").read_text()
 
-    start = time.perf_counter()
     again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-    assert time.perf_counter() - start < 60
     assert set(re.findall(r"running (\d+)", again.stdout)) == {"0"}  # every run was skipped
     assert json.loads((out / "results.json").read_text())["findings"] == results["findings"]

@@ -64,6 +64,16 @@ def test_curve_series_keeps_finite_numbers_per_kind():
     assert curve_series([{"kind": "step", "step": 1, "loss": True}], "loss") == {}
 
 
+def test_stages_set_aside_as_stale_are_not_reported(pipeline_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "pipe"
+    shutil.copytree(pipeline_dir, run)
+    shutil.copytree(run / "labels-0.01" / "finetune", run / "labels-0.01" / "finetune.stale-1")
+    labels = [label for label, _ in find_metric_runs(run)]
+    assert "labels-0.01/finetune" in labels and not [label for label in labels if ".stale-" in label]
+
+
 def test_pipeline_folder_report(pipeline_dir):
     labels = [label for label, _ in find_metric_runs(pipeline_dir)]
     assert labels[0] == "pretrain" and "labels-0.01/finetune" in labels and len(labels) == 9

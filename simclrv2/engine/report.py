@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from simclrv2.engine.checkpoint import atomic_write
 from simclrv2.engine.logging import METRICS_FILE, read_metrics
+from simclrv2.engine.run_folder import is_stale
 
 STAGE_LABELS = {"baseline": "Supervised baseline", "linear_eval": "Linear eval (pretrained)",
                 "finetuned": "Fine-tuned (teacher)", "distilled": "Distilled (student)"}
@@ -123,9 +124,11 @@ class ReportError(ValueError):
 
 def find_metric_runs(run_dir: Path) -> list[tuple[str, Path]]:
     """(label, folder) for ``run_dir`` and every sub-folder with a ``metrics.jsonl``: one entry for
-    a single stage run, one per stage for a pipeline (``pretrain``, ``labels-*/finetune``, ...)."""
+    a single stage run, one per stage for a pipeline (``pretrain``, ``labels-*/finetune``, ...).
+    Stages a pipeline set aside as stale (``<stage>.stale-N``) are history, not results: left out."""
     run_dir = Path(run_dir)
-    folders = sorted((p.parent for p in run_dir.rglob(METRICS_FILE)),
+    folders = sorted((p.parent for p in run_dir.rglob(METRICS_FILE)
+                      if not any(is_stale(part) for part in p.relative_to(run_dir).parts)),
                      key=lambda f: (len(f.relative_to(run_dir).parts), f.relative_to(run_dir).as_posix()))
     return [(f.relative_to(run_dir).as_posix() if f != run_dir else run_dir.name, f) for f in folders]
 

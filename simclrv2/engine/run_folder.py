@@ -281,6 +281,12 @@ def changed_inputs(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if (saved.get(name) or {}).get("sha256") != (now.get(name) or {}).get("sha256")]
 
 
+def is_stale(folder_name: str) -> bool:
+    """Whether a folder is one that :func:`set_aside` renamed (``<name>.stale-<k>``)."""
+    stem, _, k = folder_name.rpartition(".stale-")
+    return bool(stem) and k.isdigit()
+
+
 def set_aside(run_dir: Path) -> Path:
     """Rename a stale run folder to the first free ``<name>.stale-<k>``, keeping everything in it."""
     run_dir = Path(run_dir)
