@@ -174,7 +174,7 @@ def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, An
     if is_main:
         try:
             claim(run_dir, command, to_dict(cfg), inputs, trains)
-        except ConfigError as err:
+        except Exception as err:  # a refusal, or the folder cannot be made or locked: every rank stops
             error = err
     error = distributed.broadcast_object(error)
     if error is not None:
@@ -208,12 +208,15 @@ def check_folder(run_dir: Path, command: str, config: dict[str, Any], inputs: di
     if saved is None or not _work_kept(run_dir, command, trains):  # nothing to continue: settings may be corrected
         return
     settings = changed_settings(saved, config)
-    changes = settings + changed_inputs(record.get("inputs") or {}, inputs)
-    if changes:
-        message = (f"--run-dir {run_dir} holds a {command} run made with other settings (saved -> now: "
-                   f"{', '.join(changes)}); rerun it with its own settings ({run_dir / CONFIG_FILE}) or choose "
-                   "another --run-dir")
-        raise ConfigError(message) if settings else StaleInputs(message, changes)
+    inputs_changed = changed_inputs(record.get("inputs") or {}, inputs)
+    if settings:
+        raise ConfigError(f"--run-dir {run_dir} holds a {command} run made with other settings (saved -> now: "
+                          f"{', '.join(settings + inputs_changed)}); rerun it with its own settings "
+                          f"({run_dir / CONFIG_FILE}) or choose another --run-dir")
+    if inputs_changed:
+        raise StaleInputs(f"--run-dir {run_dir} holds a {command} run started from other inputs (saved -> now: "
+                          f"{', '.join(inputs_changed)}); pass the saved checkpoint file if it still exists, or "
+                          "choose another --run-dir", inputs_changed)
 
 
 def _work_kept(run_dir: Path, command: str, trains: bool) -> bool:
