@@ -44,6 +44,15 @@ def _files(run_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != LOCK_FILE}
 
 
+def _copy_run(source: Path, run_dir: Path, leave_out: tuple = ()) -> Path:
+    """A copy of the run folder ``source`` at ``run_dir`` (without the files named in ``leave_out``)."""
+    for name, content in _files(source).items():
+        if name not in leave_out:
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / name).write_bytes(content)
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def pretrained(data_dir: Path, tmp_path_factory) -> Path:
     """A pretraining run stopped at step 1 of 4 (its linear head makes it a classifier too)."""
@@ -122,11 +131,7 @@ def test_outputs_replace_links_instead_of_writing_through_them(data_dir: Path, p
 
 def test_resume_with_other_settings_is_refused_naming_each(capsys, data_dir: Path, pretrained: Path,
                                                            tmp_path: Path) -> None:
-    run_dir = tmp_path / "pre"
-    run_dir.mkdir()
-    for name, content in _files(pretrained).items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_bytes(content)
+    run_dir = _copy_run(pretrained, tmp_path / "pre")
     before = _files(run_dir)
     expect_one_line_error(capsys, _pretrain(data_dir, run_dir, "--temperature", "0.5", "--seed", "1",
                                             "--color-jitter-strength", "0.3"),
@@ -163,10 +168,7 @@ def test_a_pipeline_refused_before_any_stage_ran_takes_corrected_settings(capsys
 
 def test_skipping_bad_images_may_be_turned_on_when_resuming(data_dir: Path, pretrained: Path, tmp_path: Path) -> None:
     """A decode error mid-epoch advises --skip-bad-images: resuming with it is allowed."""
-    run_dir = tmp_path / "pre"
-    for name, content in _files(pretrained).items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_bytes(content)
+    run_dir = _copy_run(pretrained, tmp_path / "pre")
     _run(*_pretrain(data_dir, run_dir, "--max-steps", "2", "--skip-bad-images"))
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
 
@@ -174,12 +176,7 @@ def test_skipping_bad_images_may_be_turned_on_when_resuming(data_dir: Path, pret
 def test_a_training_run_of_an_earlier_version_is_resumed_but_not_reused(capsys, data_dir: Path, pretrained: Path,
                                                                          tmp_path: Path) -> None:
     """A folder without ``run.json`` (written before run records) still resumes, with its settings."""
-    run_dir = tmp_path / "pre"
-    run_dir.mkdir()
-    for name, content in _files(pretrained).items():
-        if name != "run.json":
-            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (run_dir / name).write_bytes(content)
+    run_dir = _copy_run(pretrained, tmp_path / "pre", leave_out=("run.json",))
     expect_one_line_error(capsys, ["evaluate", "--checkpoint", pretrained, "--data-dir", data_dir, "--run-dir",
                                    run_dir, *RUN], "holds files (checkpoints, config.json, metrics.jsonl) but no run.json")
     expect_one_line_error(capsys, _pretrain(data_dir, run_dir, "--seed", "3"), "--seed 0 -> 3")
@@ -195,11 +192,7 @@ def _finetune(data_dir: Path, checkpoint, run_dir: Path, *flags: str) -> list:
 
 def test_finetune_from_another_checkpoint_is_refused(capsys, data_dir: Path, pretrained: Path,
                                                      tmp_path: Path) -> None:
-    pre = tmp_path / "pre"
-    pre.mkdir()
-    for name, content in _files(pretrained).items():
-        (pre / name).parent.mkdir(parents=True, exist_ok=True)
-        (pre / name).write_bytes(content)
+    pre = _copy_run(pretrained, tmp_path / "pre")
     first = step_checkpoints(pre / "checkpoints")[-1]
     ft = tmp_path / "ft"
     _run(*_finetune(data_dir, pre, ft, "--max-steps", "1"))
