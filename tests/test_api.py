@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import simclrv2
 from simclrv2.engine.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, save_checkpoint
 from simclrv2.models import ModelSpec, build_simclrv2_model
+from model_checks import randomize_
 
 CONFIG = dict(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=True, num_proj_layers=2, proj_out_dim=16,
               ft_proj_selector=1, num_classes=4)
@@ -16,14 +17,7 @@ CONFIG = dict(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0, cifar_stem=
 @pytest.fixture()
 def trained():
     """A tiny model with non-trivial BN statistics and head weights."""
-    model = build_simclrv2_model(**CONFIG)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5 if name.endswith("running_var")
-                             else 0.3 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
+    return randomize_(build_simclrv2_model(**CONFIG), seed=3, scale=0.3).eval()
 
 
 def _state(model, mode="finetune"):

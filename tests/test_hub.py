@@ -21,6 +21,7 @@ import simclrv2
 from simclrv2 import cli
 from simclrv2.engine.checkpoint import CheckpointError, save_checkpoint
 from simclrv2.hub import is_export_folder, parse_reference
+from model_checks import randomize_
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{i}" for i in range(10)]
@@ -29,13 +30,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def _finetune_run(root: Path) -> tuple[Path, torch.nn.Module]:
     """A run folder as ``simclrv2 finetune`` leaves it: a checkpoint, config.json and eval.json."""
-    model = simclrv2.create_model("r18_0p25x_sk0_cifar")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5 if name.endswith("running_var")
-                             else 0.2 * torch.randn(tensor.shape, generator=generator))
+    model = randomize_(simclrv2.create_model("r18_0p25x_sk0_cifar"), seed=5, scale=0.2)
     model.mode = "finetune"
     run = root / "finetune"
     save_checkpoint(run, {"stage": "finetune", "model": model.state_dict(), "model_spec": asdict(model.spec),

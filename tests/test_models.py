@@ -27,6 +27,7 @@ from simclrv2.models.resnet import (
     SelectiveKernelConv,
     tf_same_padding,
 )
+from model_checks import assert_official_counts, bn_stats
 
 # Paper Table 1, in millions. They are the encoder's parameters *including* the BN moving statistics,
 # rounded: trainable ones alone give 232 (not 233) for R152-2x and 353 (not 354) for R152-2x-SK.
@@ -36,10 +37,6 @@ TABLE1 = {
     (152, 1, False): 58, (152, 1, True): 89, (152, 2, False): 233, (152, 2, True): 354,
     (152, 3, True): 795,
 }
-
-
-def _bn_stats(module: nn.Module) -> int:
-    return sum(b.numel() for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var")))
 
 
 def _small_model(**overrides) -> SimCLRv2Model:
@@ -165,7 +162,7 @@ def test_param_counts_match_paper_table1():
     for (depth, width, sk), millions in TABLE1.items():
         with torch.device("meta"):
             model = build_resnet(depth, width, 0.0625 if sk else 0.0)
-        total = count_parameters(model) + _bn_stats(model)
+        total = count_parameters(model) + bn_stats(model)
         assert round(total / 1e6) == millions, (depth, width, sk)
         assert abs(count_parameters(model) / 1e6 - millions) < 1, (depth, width, sk)
 
@@ -183,11 +180,7 @@ def test_param_counts_match_official(reference_dir):
                                          num_classes=1000)
         name = f"R{row['depth']}-{row['width']}x-sk{row['sk_ratio']}"
         assert model.encoder.out_dim == row["encoder_output_dim"], name
-        assert count_parameters(model.encoder) == row["encoder_trainable"], name
-        assert _bn_stats(model.encoder) == row["encoder_non_trainable"], name
-        assert count_parameters(model.projection_head) == row["proj_head_trainable"], name
-        assert _bn_stats(model.projection_head) == row["proj_head_non_trainable"], name
-        assert count_parameters(model.supervised_head) == row["supervised_head_1000_trainable"], name
+        assert_official_counts(model, row, name)
         widths = [(layer.linear.in_features, layer.linear.out_features) for layer in model.projection_head.layers]
         assert widths == [tuple(layer["dense_kernel"]) for layer in row["proj_head_layers"]], name
         assert [layer.bn.bias is not None for layer in model.projection_head.layers] == \
