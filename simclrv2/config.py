@@ -729,9 +729,8 @@ def validate_selector(selector: int, num_proj_layers: int, flag: str = "--ft-pro
 def save_config(cfg: Any, run_dir: Path) -> Path:
     """Write the resolved config (a config dataclass or its dict) as ``config.json`` beside the
     run's outputs: atomically, replacing (never following) a link of that name."""
-    from simclrv2.engine.checkpoint import atomic_write
+    from simclrv2.engine.checkpoint import write_json
 
     path = Path(run_dir) / "config.json"
-    text = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_json(path, cfg if isinstance(cfg, dict) else to_dict(cfg))
     return path

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from simclrv2.engine.checkpoint import CheckpointError, atomic_write
+from simclrv2.engine.checkpoint import CheckpointError, atomic_write, write_json, write_text
 from simclrv2.models import ModelSpec, SimCLRv2Model
 
 HF_PREFIX = "hf://"
@@ -153,9 +153,9 @@ def write_folder(model: SimCLRv2Model, out: Path, classes: Optional[list], run_d
         shutil.rmtree(tmp)
     try:
         atomic_write(tmp / WEIGHTS_NAME, lambda handle: handle.write(weights))
-        atomic_write(tmp / CONFIG_NAME, lambda handle: handle.write((json.dumps(config, indent=2) + "\n").encode()))
+        write_json(tmp / CONFIG_NAME, config)
         card = model_card(config, run_results(run_dir), out.name)
-        atomic_write(tmp / CARD_NAME, lambda handle: handle.write(card.encode()))
+        write_text(tmp / CARD_NAME, card)
         _replace_folder(tmp, out)
     finally:
         if tmp.exists():

@@ -26,6 +26,7 @@ to read them, so the newest checkpoint is always one a run can continue from.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -113,6 +114,16 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) through :func:`atomic_write`: a link of that name is replaced, never followed."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON through :func:`write_text`."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from simclrv2.engine.checkpoint import atomic_write
+from simclrv2.engine.checkpoint import atomic_write, write_json, write_text
 from simclrv2.engine.logging import METRICS_FILE, read_metrics
 from simclrv2.engine.run_folder import is_stale
 
@@ -40,13 +40,8 @@ def print_summary(stage: str, run_dir: Path, metrics: dict[str, Any], runtime: d
     print(format_summary(stage, run_dir, metrics, runtime), flush=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a report file atomically, replacing (never following) a link of that name."""
-    atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
 def save_figure(fig: Any, path: Path, dpi: int) -> None:
-    """``fig`` as a PNG, written like :func:`write_text`."""
+    """``fig`` as a PNG through :func:`~simclrv2.engine.checkpoint.atomic_write`."""
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
@@ -101,7 +96,7 @@ def plot_pipeline(report: dict[str, Any], path: Path) -> None:
 def write_pipeline_report(report: dict[str, Any], run_dir: Path) -> None:
     """Write ``report.json``, ``report.md`` and ``report.png`` and print the table."""
     run_dir = Path(run_dir)
-    write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(run_dir / "report.json", report)
     table = pipeline_table(report)
     text = f"# SimCLRv2 pipeline report\n\nTop-1 / top-5 accuracy (%) on the held-out split.\n\n{table}\n\n" \
            f"Wall time: {report['wall_time_s']:.0f} s\n"

@@ -32,7 +32,7 @@ import torch
 
 from simclrv2 import distributed
 from simclrv2.config import ConfigError, flag_name, to_dict
-from simclrv2.engine.checkpoint import CHECKPOINT_DIR, atomic_write, step_checkpoints
+from simclrv2.engine.checkpoint import CHECKPOINT_DIR, step_checkpoints, write_json
 
 LOCK_FILE = "run.lock"
 RECORD_FILE = "run.json"
@@ -320,7 +320,3 @@ def read_json(path: Path) -> Optional[Any]:
         raise ConfigError(f"{path} is not valid JSON ({err}); repair or remove it, or choose another --run-dir") from None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically, replacing (never following) a link of that name."""
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(Path(path), lambda handle: handle.write(text.encode()))

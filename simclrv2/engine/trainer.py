@@ -27,9 +27,9 @@ from torch import nn
 from simclrv2 import distributed
 from simclrv2.config import RuntimeConfig, save_config
 from simclrv2.data.loader import worker_died
-from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteState, atomic_write, capture_rng,
+from simclrv2.engine.checkpoint import (CHECKPOINT_DIR, CheckpointError, NonFiniteState, capture_rng,
                                         latest_checkpoint_of_all_ranks, read_model_record, remove_stale_temp_files,
-                                        restore_rng, save_checkpoint, step_checkpoints)
+                                        restore_rng, save_checkpoint, step_checkpoints, write_text)
 from simclrv2.engine.logging import MetricsLogger
 from simclrv2.engine.runtime import Runtime, unwrap
 
@@ -296,7 +296,7 @@ def _write_marker(run_dir: Path, signum: int, step: int) -> None:
     """Tell a job script that this run stopped on a signal after saving and wants to be resumed
     (under torchrun the exit code does not: torchrun reports any failed worker as 1)."""
     record = {"signal": signal.Signals(signum).name, "step": step, "resume": "rerun the same command"}
-    atomic_write(run_dir / INTERRUPTED_MARKER, lambda handle: handle.write((json.dumps(record) + "\n").encode()))
+    write_text(run_dir / INTERRUPTED_MARKER, json.dumps(record) + "\n")
 
 
 def _skipped_images(batches: BatchSource) -> dict[str, int]:
