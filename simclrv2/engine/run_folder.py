@@ -167,18 +167,10 @@ def name_run_dir(run_dir: Optional[str], command: str, is_main: bool) -> Path:
     return Path(run_dir)
 
 
-def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], is_main: bool,
-                     trains: bool = False) -> None:
-    """:func:`claim` on the main rank (only it locks); every rank raises its verdict."""
-    error = None
-    if is_main:
-        try:
-            claim(run_dir, command, to_dict(cfg), inputs, trains)
-        except Exception as err:  # a refusal, or the folder cannot be made or locked: every rank stops
-            error = err
-    error = distributed.broadcast_object(error)
-    if error is not None:
-        raise error
+def claim_run_folder(run_dir: Path, command: str, cfg: Any, inputs: dict[str, Any], trains: bool = False) -> None:
+    """:func:`claim` on the main rank (only it locks); every rank raises its verdict (a refusal, or
+    a folder that cannot be made or locked)."""
+    distributed.decided_by_main(lambda: claim(run_dir, command, to_dict(cfg), inputs, trains))
 
 
 def check_foreign(run_dir: Path, trains: bool) -> None:

@@ -331,22 +331,20 @@ def train(task: TrainTask, rt: Runtime, cfg: RuntimeConfig, run_dir: Path) -> di
     def save() -> None:
         """Rank 0 writes; every rank learns whether it could, and all stop together if not."""
         ranks = distributed.all_gather_object(_rank_randomness(task))  # every rank reaches each save together
-        failure = None
-        if rt.is_main:
+
+        def write() -> None:
             state = _checkpoint_state(task, step, epoch, batch_in_epoch, last, skipped, scaler, ranks)
             try:
                 save_checkpoint(run_dir, state, step, cfg.keep_checkpoint_max)
             except NonFiniteState as err:
-                failure = NonFiniteLoss(f"{err}, so it is not saved; {_kept_checkpoint(run_dir)}. Lower "
-                                        "--learning-rate")
+                raise NonFiniteLoss(f"{err}, so it is not saved; {_kept_checkpoint(run_dir)}. Lower "
+                                    "--learning-rate") from None
             except OSError as err:
-                failure = SaveFailed(f"cannot write the step {step} checkpoint in {run_dir / CHECKPOINT_DIR} "
-                                     f"({err.strerror or err}); free disk space (or lower --keep-checkpoint-max) "
-                                     f"or fix the folder's permissions, then rerun the same command to resume: "
-                                     f"{_kept_checkpoint(run_dir)}")
-        failure = distributed.broadcast_object(failure)
-        if failure is not None:
-            raise failure
+                raise SaveFailed(f"cannot write the step {step} checkpoint in {run_dir / CHECKPOINT_DIR} "
+                                 f"({err.strerror or err}); free disk space (or lower --keep-checkpoint-max) "
+                                 f"or fix the folder's permissions, then rerun the same command to resume: "
+                                 f"{_kept_checkpoint(run_dir)}") from None
+        distributed.decided_by_main(write)
 
     statistics = _batch_norm_statistics(task) if cfg.on_nonfinite == "skip" else []
     task.model.train()

@@ -30,7 +30,7 @@ def start_run(cfg: Any, stage: str, rt: Runtime, inputs: Optional[dict[str, Any]
     if not cfg.runtime.resume and step_checkpoints(run_dir / CHECKPOINT_DIR):
         raise ConfigError(f"--run-dir {run_dir} already holds checkpoints of an earlier run; pass --resume true "
                           "to continue it, or choose another --run-dir")
-    claim_run_folder(run_dir, stage, cfg, inputs or {}, rt.is_main, trains=True)
+    claim_run_folder(run_dir, stage, cfg, inputs or {}, trains=True)
     return run_dir, cfg
 
 

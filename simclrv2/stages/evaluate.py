@@ -50,7 +50,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     C.check_classes(ckpt.get("classes"), model.supervised_head.linear.out_features, eval_set.classes, cfg.checkpoint)
     run_dir = None if cfg.runtime.run_dir is None else Path(cfg.runtime.run_dir)
     if run_dir is not None:  # before the work, so that a refused folder costs nothing
-        claim_run_folder(run_dir, "evaluate", cfg, {"checkpoint": identity}, rt.is_main)
+        claim_run_folder(run_dir, "evaluate", cfg, {"checkpoint": identity})
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

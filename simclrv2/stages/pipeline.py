@@ -109,7 +109,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = name_run_dir(cfg.runtime.run_dir, "pipeline", distributed.is_main())
     cfg = replace(cfg, runtime=replace(cfg.runtime, run_dir=str(run_dir)))
     validate(cfg, run_dir)
-    claim_run_folder(run_dir, "pipeline", cfg, {}, distributed.is_main())
+    claim_run_folder(run_dir, "pipeline", cfg, {})
     if distributed.is_main():
         save_config(cfg, run_dir)
 
