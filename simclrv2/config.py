@@ -65,7 +65,9 @@ class DataConfig:
     data_dir: Optional[str] = _opt(None, "Folder with the dataset's files (default: the dataset's standard location).")
     image_size: Optional[int] = _opt(None, "Training image size in pixels; default: the dataset's native size (224 for folders).")
     subset: Optional[int] = _opt(None, "Use only the first N training images (after a seeded shuffle), for quick trials.")
-    eval_split: str = _opt("test", "Labelled split used for evaluation.")
+    eval_split: str = _opt("test", "Labelled split used for evaluation; val holds out --val-fraction of each class of "
+                                   "the training split for choosing settings (then nothing trains on those images).")
+    val_fraction: float = _opt(0.1, "Share of each class of the training split that forms the val split (--eval-split val).")
     pretrain_split: str = _opt("train", "Split of unlabeled images for pretraining and distillation (stl10: unlabeled).")
     augmentation: str = _opt("batched", "batched: per-image random augmentation of whole tensor batches (fast); torchvision: classic per-image PIL pipeline.")
     color_jitter_strength: float = _opt(1.0, "Colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR).")
@@ -672,6 +674,7 @@ def validate_data(data: DataConfig) -> None:
         if value is not None:
             check_range(flag, value, 1)
     check_range("--color-jitter-strength", data.color_jitter_strength, 0)
+    check_range("--val-fraction", data.val_fraction, 0, 1, low_open=True, high_open=True)
     if data.num_workers is not None:
         check_range("--num-workers", data.num_workers, 0)
     check_range("--eval-batch-size", data.eval_batch_size, 1)

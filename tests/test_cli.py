@@ -188,3 +188,35 @@ def test_evaluate_warns_that_training_only_options_do_nothing(capsys, tmp_path: 
     with pytest.warns(UserWarning, match="evaluate does not train, so it ignores --checkpoint-steps, --max-steps"):
         expect_one_line_error(capsys, ["evaluate", "--checkpoint", tmp_path / "missing.pt", "--data-dir", tmp_path,
                                        "--max-steps", "3", "--checkpoint-steps", "5"], "missing.pt does not exist")
+
+
+def test_pipeline_keeps_each_presets_data_settings_unless_the_user_sets_them(tmp_path: Path) -> None:
+    from simclrv2.stages import pipeline
+
+    cfg = _resolve("pipeline", "--dataset", "cifar10")
+    stage = pipeline._stage_cfg(cfg.pretrain, cfg, tmp_path, "pretrain")
+    assert stage.data.color_jitter_strength == 0.5 and stage.data.dataset == "cifar10"  # the cifar preset's s
+    cfg = _resolve("pipeline", "--dataset", "cifar10", "--color-jitter-strength", "0.8", "--eval-split", "val")
+    stage = pipeline._stage_cfg(cfg.pretrain, cfg, tmp_path, "pretrain")
+    assert stage.data.color_jitter_strength == 0.8 and stage.data.eval_split == "val"
+
+
+def test_val_split_is_held_out_of_training_and_the_same_for_every_seed(tmp_path: Path) -> None:
+    from tiny_data import write_tiny_fashion_mnist
+    from simclrv2.data.splits import labelled_train_set, load_split
+
+    data = config.DataConfig(data_dir=str(write_tiny_fashion_mnist(tmp_path, n_train=200)), eval_split="val",
+                             val_fraction=0.2)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    assert len(train) == 160 and len(val) == 40 and val.labels.bincount().tolist() == [4] * 10
+    assert not set(train.sample_ids) & set(val.sample_ids)
+    for seed in (0, 1):
+        full, labelled = labelled_train_set(data, config.LabelConfig(labels_per_class=3), seed)
+        assert set(full.sample_ids) == set(train.sample_ids) and not set(labelled.sample_ids) & set(val.sample_ids)
+        assert load_split(data, "val").sample_ids == val.sample_ids
+    assert len(load_split(replace_eval(data, "test"), "train")) == 200  # without it, train is whole
+
+
+def replace_eval(data: config.DataConfig, split: str) -> config.DataConfig:
+    import dataclasses
+    return dataclasses.replace(data, eval_split=split)

@@ -10,9 +10,13 @@ from simclrv2.data.datasets import build_dataset, dataset_splits
 from simclrv2.data.subsets import label_subset, read_subset_file
 
 
+VAL_SEED = 0  # the val split is the same images whatever the run's --seed
+
+
 def check_splits(data: DataConfig) -> None:
     """Refuse an ``--eval-split`` or ``--pretrain-split`` the dataset lacks, before any training."""
     valid = dataset_splits(data.dataset)
+    valid = valid + ("val",) if "train" in valid and "val" not in valid else valid
     for flag, split in (("--eval-split", data.eval_split), ("--pretrain-split", data.pretrain_split)):
         if valid and split not in valid:
             raise ConfigError(f"{flag} {split!r} is not a split of --dataset {data.dataset}; choose one of: "
@@ -20,9 +24,20 @@ def check_splits(data: DataConfig) -> None:
 
 
 def load_split(data: DataConfig, split: str, image_size: Optional[int] = None):
+    """A split of the dataset. Under ``--eval-split val`` (for a dataset without its own val
+    split) ``val`` is a class-balanced ``--val-fraction`` of the training split and ``train`` is
+    the rest, so that settings are chosen on images no stage trains on and the test split stays
+    unseen."""
     check_splits(data)
-    return build_dataset(data.dataset, data.data_dir, split, image_size=image_size,
-                         skip_bad_images=data.skip_bad_images)
+    carved = data.eval_split == "val" and "val" not in dataset_splits(data.dataset)
+    if not (carved and split in ("train", "val")):
+        return build_dataset(data.dataset, data.data_dir, split, image_size=image_size,
+                             skip_bad_images=data.skip_bad_images)
+    train = build_dataset(data.dataset, data.data_dir, "train", image_size=image_size,
+                          skip_bad_images=data.skip_bad_images)
+    held_out = torch.zeros(len(train), dtype=torch.bool)
+    held_out[label_subset(train.labels, fraction=data.val_fraction, seed=VAL_SEED)] = True
+    return train.subset(torch.nonzero(held_out if split == "val" else ~held_out).flatten())
 
 
 def take_subset(dataset, data: DataConfig, seed: int):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from simclrv2 import distributed
-from simclrv2.config import ConfigError, LabelConfig, PipelineConfig, save_config, validate_data, validate_runtime
+from simclrv2.config import ConfigError, DataConfig, LabelConfig, PipelineConfig, save_config, validate_data, validate_runtime
 from simclrv2.data.batches import split_size
 from simclrv2.engine.report import write_pipeline_report
 from simclrv2.engine.run_folder import StaleInputs, claim_run_folder, name_run_dir, releases_run_folders, set_aside
@@ -43,9 +43,18 @@ def _label_settings(cfg: PipelineConfig) -> list[tuple[Optional[str], LabelConfi
     return settings
 
 
-def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **fields: Any) -> Any:
+def _stage_data(stage_data: DataConfig, cfg: PipelineConfig) -> DataConfig:
+    """The pipeline's data, except where the stage's preset differs from the defaults (the cifar
+    preset's colour strength 0.5 for pretraining) and the user did not set that option."""
+    own = {f.name: getattr(stage_data, f.name) for f in fields(DataConfig)
+           if getattr(stage_data, f.name) != getattr(DataConfig(), f.name) and f"data.{f.name}" not in cfg.explicit}
+    return replace(cfg.data, **own)
+
+
+def _stage_cfg(stage_cfg: Any, cfg: PipelineConfig, run_dir: Path, name: str, **overrides: Any) -> Any:
     """A stage's config with the pipeline's data and runtime and its own sub-folder."""
-    return replace(stage_cfg, data=cfg.data, runtime=replace(cfg.runtime, run_dir=str(run_dir / name)), **fields)
+    return replace(stage_cfg, data=_stage_data(stage_cfg.data, cfg),
+                   runtime=replace(cfg.runtime, run_dir=str(run_dir / name)), **overrides)
 
 
 def _label_stages(cfg: PipelineConfig, run_dir: Path, labels: LabelConfig, folder: str) -> dict[str, Any]:
