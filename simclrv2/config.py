@@ -70,6 +70,7 @@ class DataConfig:
     val_fraction: float = _opt(0.1, "Share of each class of the training split that forms the val split (--eval-split val).")
     pretrain_split: str = _opt("train", "Split of unlabeled images for pretraining and distillation (stl10: unlabeled).")
     augmentation: str = _opt("batched", "batched: per-image random augmentation of whole tensor batches (fast); torchvision: classic per-image PIL pipeline.")
+    crop_min_area: float = _opt(0.08, "Smallest random crop, as a share of the image area, in pretraining, fine-tuning and distillation (official: 0.08).")
     color_jitter_strength: float = _opt(1.0, "Colour distortion strength s (paper: 1.0 on ImageNet, 0.5 on CIFAR).")
     use_blur: Optional[bool] = _opt(None, "Gaussian blur during pretraining; default: on for images larger than 32 px (official).")
     num_workers: Optional[int] = _opt(None, "DataLoader workers for image folders; default: this process's share of the CPUs (at most 32).")
@@ -674,6 +675,7 @@ def validate_data(data: DataConfig) -> None:
         if value is not None:
             check_range(flag, value, 1)
     check_range("--color-jitter-strength", data.color_jitter_strength, 0)
+    check_range("--crop-min-area", data.crop_min_area, 0, 1, low_open=True)
     check_range("--val-fraction", data.val_fraction, 0, 1, low_open=True, high_open=True)
     if data.num_workers is not None:
         check_range("--num-workers", data.num_workers, 0)

@@ -546,3 +546,27 @@ def test_augmentation_is_float32_under_autocast():
     assert under.dtype == torch.float32 and evaluated.dtype == torch.float32
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
     torch.testing.assert_close(evaluated, EvalTransform(48)(images), rtol=0, atol=0)
+
+
+def test_crop_min_area_bounds_every_crop_of_every_path(tmp_path) -> None:
+    """--crop-min-area reaches the batched crops (pretraining and fine-tuning), the image-folder
+    workers and the torchvision pipeline; 0.08 is the official value."""
+    from simclrv2.data.folder import ImageFolderDataset
+
+    def areas(boxes: torch.Tensor) -> torch.Tensor:  # (N, 4) as (y, x, h, w)
+        return (boxes[:, 2] * boxes[:, 3]).float() / (28 * 28)
+
+    g = torch.Generator().manual_seed(0)
+    small = areas(A.finetune_augment(28).sample_params(2000, 28, 28, g).boxes)
+    large = areas(A.finetune_augment(28, crop_min_area=0.5).sample_params(2000, 28, 28, g).boxes)
+    assert small.min() < 0.2 and large.min() >= 0.5 - 2 / 28  # rounding to whole pixels
+    images = torch.randint(0, 255, (4, 3, 28, 28), dtype=torch.uint8)
+    from simclrv2.data import TensorImageDataset
+    _, make_views = TensorImageDataset(images, None, [], "t").pretrain_inputs(28, 1.0, False, crop_min_area=0.5)
+    assert make_views((images,), g).shape == (8, 3, 28, 28)
+    (tmp_path / "a").mkdir()
+    from PIL import Image
+    Image.new("RGB", (40, 40)).save(tmp_path / "a" / "x.png")
+    folder, _ = ImageFolderDataset(tmp_path, image_size=16).crop_flip_inputs(16, crop_min_area=0.7)
+    assert folder.crop_min_area == 0.7 and folder.mode == "train"
+    assert "scale=(0.3, 1.0)" in repr(torchvision_simclr_transform(16, crop_min_area=0.3))

@@ -294,12 +294,13 @@ class SimCLRAugment:
 
 
 
-def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool = True) -> SimCLRAugment:
+def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool = True,
+                     crop_min_area: float = 0.08) -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
     augmentation (``preprocess_for_train`` with ``color_distort=False``). ``crop=False`` for
     batches whose crops were already cut (image-folder workers): flip only."""
     return SimCLRAugment(image_size, color_jitter_strength=0.0, use_blur=False, color=False, crop=crop,
-                         interpolation=interpolation)
+                         interpolation=interpolation, area_range=(crop_min_area, 1.0))
 
 
 def first_then_second(pairs: Tensor) -> Tensor:

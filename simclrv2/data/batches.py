@@ -56,16 +56,16 @@ def eval_batches(dataset: ImageDataset, batch_size: int, rt: "Runtime", *, num_w
 
 
 def pretrain_views(dataset: ImageDataset, rt: "Runtime", *, augmentation: str, batch_size: int, seed: int,
-                   image_size: int, strength: float, use_blur: bool,
+                   image_size: int, strength: float, use_blur: bool, crop_min_area: float = 0.08,
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
     """(batch source, ``make_views(batch, generator) -> views``) for pretraining: ``views`` is
     (2B, 3, S, S), the first view of every image in rows ``[0, B)`` and the second in ``[B, 2B)``
     (the layout NT-Xent takes)."""
     if augmentation == "batched":
-        views_set, make_views = dataset.pretrain_inputs(image_size, strength, use_blur)
+        views_set, make_views = dataset.pretrain_inputs(image_size, strength, use_blur, crop_min_area)
         return train_batches(views_set, batch_size, rt, seed=seed, num_workers=num_workers), make_views
     if augmentation == "torchvision":  # the PIL transform crops the full image itself
-        transform = torchvision_simclr_transform(image_size, strength, blur=use_blur)
+        transform = torchvision_simclr_transform(image_size, strength, blur=use_blur, crop_min_area=crop_min_area)
         views_set = PILViewsDataset(dataset.full_images(), transform, num_views=2)
         source = FileLoader(views_set, batch_size, shuffle=True, drop_last=True, seed=seed, rank=rt.rank,
                             world_size=rt.world_size, num_workers=num_workers, device=rt.device)

@@ -61,10 +61,11 @@ class ImageDataset(Protocol):
                num_workers: Optional[int] = None, persistent_workers: bool = True) -> Any:
         """Sharded ``(images, labels)`` batches on ``rt.device`` (the batch-source interface)."""
 
-    def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool) -> tuple["ImageDataset", ViewMaker]:
+    def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
+                        crop_min_area: float = 0.08) -> tuple["ImageDataset", ViewMaker]:
         """(dataset to load, ``make_views(batch, generator)``) for two SimCLR views per image."""
 
-    def crop_flip_inputs(self, image_size: int) -> tuple["ImageDataset", SimCLRAugment]:
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["ImageDataset", SimCLRAugment]:
         """Random resized crop + flip: fine-tuning and distillation (paper section 3)."""
 
     def eval_inputs(self, image_size: int) -> tuple["ImageDataset", EvalTransform]:

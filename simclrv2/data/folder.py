@@ -72,6 +72,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DataError(f"image_size must be positive, got {image_size}")
         self.root = Path(root)
         self.image_size, self.skip_bad_images, self.max_pixels = image_size, skip_bad_images, max_pixels
+        self.crop_min_area = 0.08
         self._set_mode(mode, crops, crop_proportion)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist; pass the folder that holds "
@@ -155,10 +156,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         new.samples = [self.samples[i] for i in torch.as_tensor(indices, dtype=torch.long).tolist()]
         return new
 
-    def with_mode(self, mode: str, crops: int = 1) -> "ImageFolderDataset":
-        """A copy of the same samples read in another ``mode`` (see the class docstring)."""
+    def with_mode(self, mode: str, crops: int = 1, crop_min_area: float = 0.08) -> "ImageFolderDataset":
+        """A copy of the same samples read in another ``mode`` (see the class docstring); train
+        crops cover at least ``crop_min_area`` of the image."""
         new = self._copy()
         new._set_mode(mode, crops, self.crop_proportion)
+        new.crop_min_area = crop_min_area
         return new
 
     def loader(self, batch_size: int, rt: "Runtime", *, shuffle: bool, drop_last: bool, seed: int,
@@ -167,19 +170,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return make_dataloader(self, batch_size, shuffle, drop_last, seed, rt.rank, rt.world_size, num_workers,
                                device=rt.device, persistent_workers=persistent_workers)
 
-    def pretrain_inputs(self, image_size: int, strength: float,
-                        use_blur: bool) -> tuple["ImageFolderDataset", ViewMaker]:
+    def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
+                        crop_min_area: float = 0.08) -> tuple["ImageFolderDataset", ViewMaker]:
         """Each sample arrives as its two crops (B, 2, 3, S, S), cut in the workers; the batch
         then gets flip, colour and blur."""
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=False)
 
         def make_views(batch: Any, generator: torch.Generator) -> Tensor:
             return augment(first_then_second(batch[0]), generator)  # both crops in one call, as views() does
-        return self.with_mode("train", crops=2), make_views
+        return self.with_mode("train", crops=2, crop_min_area=crop_min_area), make_views
 
-    def crop_flip_inputs(self, image_size: int) -> tuple["ImageFolderDataset", SimCLRAugment]:
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["ImageFolderDataset", SimCLRAugment]:
         """One random crop per sample in the workers; the batch is only flipped."""
-        return self.with_mode("train"), finetune_augment(image_size, crop=False)
+        return self.with_mode("train", crop_min_area=crop_min_area), finetune_augment(image_size, crop=False)
 
     def eval_inputs(self, image_size: int) -> tuple["ImageFolderDataset", EvalTransform]:
         """Centre crop and resize in the workers."""
@@ -205,7 +208,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         _, height, width = image.shape
         size = self.image_size
         if self.mode == "train":
-            crops = crop_resize(image, sample_crop_boxes(self.crops, height, width), size)
+            crops = crop_resize(image, sample_crop_boxes(self.crops, height, width,
+                                                         area_range=(self.crop_min_area, 1.0)), size)
             return crops[0] if self.crops == 1 else crops
         box = (center_crop_box(height, width, size, size, self.crop_proportion) if self.crop_proportion
                else (0, 0, height, width))

@@ -82,17 +82,18 @@ class TensorImageDataset:
         """Batches gathered from memory on ``rt.device``; there are no workers to configure."""
         return InMemoryLoader(self, batch_size, shuffle, drop_last, seed, rt.rank, rt.world_size, rt.device)
 
-    def pretrain_inputs(self, image_size: int, strength: float,
-                        use_blur: bool) -> tuple["TensorImageDataset", ViewMaker]:
+    def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
+                        crop_min_area: float = 0.08) -> tuple["TensorImageDataset", ViewMaker]:
         """Whole images: both views are cropped, resized and augmented as one batch."""
-        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur)
+        augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur,
+                                area_range=(crop_min_area, 1.0))
 
         def make_views(batch: Any, generator: torch.Generator) -> Tensor:
             return augment.views(batch[0], 2, generator)
         return self, make_views
 
-    def crop_flip_inputs(self, image_size: int) -> tuple["TensorImageDataset", SimCLRAugment]:
-        return self, finetune_augment(image_size)
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["TensorImageDataset", SimCLRAugment]:
+        return self, finetune_augment(image_size, crop_min_area=crop_min_area)
 
     def eval_inputs(self, image_size: int) -> tuple["TensorImageDataset", EvalTransform]:
         return self, EvalTransform(image_size)

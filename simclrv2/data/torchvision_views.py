@@ -10,10 +10,10 @@ from simclrv2.data.blur import blur_kernel_radius
 
 
 def torchvision_simclr_transform(image_size: int, s: float = 1.0, blur: Optional[bool] = None,
-                                 color: bool = True, interpolation: str = "bilinear"):
+                                 color: bool = True, interpolation: str = "bilinear", crop_min_area: float = 0.08):
     """The usual per-image PIL SimCLR pipeline from torchvision, returning a float tensor.
 
-    RandomResizedCrop(0.08-1, 3/4-4/3), flip, RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s),
+    RandomResizedCrop(crop_min_area-1, 3/4-4/3), flip, RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s),
     p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur, p=0.5) with the official kernel size,
     ToTensor. ``blur`` defaults to the official rule (on above 32 px); ``interpolation`` is the
     crop resize (torchvision's default bilinear; the official code uses bicubic). Note
@@ -22,7 +22,7 @@ def torchvision_simclr_transform(image_size: int, s: float = 1.0, blur: Optional
     import torchvision.transforms as T
 
     blur = image_size > 32 if blur is None else blur
-    ops = [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+    ops = [T.RandomResizedCrop(image_size, scale=(crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
                                interpolation=T.InterpolationMode(interpolation)),
            T.RandomHorizontalFlip()]
     if color and s > 0:

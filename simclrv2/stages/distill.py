@@ -101,11 +101,11 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     optimizer = build_optimizer(student, cfg.optim)
     lr_fn, total_steps = make_schedule(cfg.optim, len(unlabeled))
     local_batch = C.local_batch_size(cfg.optim, rt)
-    crops, augment = unlabeled.crop_flip_inputs(image_size)
+    crops, augment = unlabeled.crop_flip_inputs(image_size, cfg.data.crop_min_area)
     batches = B.train_batches(crops, local_batch, rt, seed=cfg.runtime.seed, num_workers=cfg.data.num_workers)
     labelled_batches = None
     if labelled is not None:  # the same kind of dataset as `unlabeled`, so `augment` serves both streams
-        labelled_batches = B.StepBatches(labelled.crop_flip_inputs(image_size)[0],
+        labelled_batches = B.StepBatches(labelled.crop_flip_inputs(image_size, cfg.data.crop_min_area)[0],
                                          min(local_batch, len(labelled) // rt.world_size), rt,
                                          seed=cfg.runtime.seed + 1, num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)

@@ -74,7 +74,7 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)
     optimizer = build_optimizer(model, cfg.optim)
     lr_fn, total_steps = make_schedule(cfg.optim, len(labelled))
-    crops, augment = labelled.crop_flip_inputs(image_size)
+    crops, augment = labelled.crop_flip_inputs(image_size, cfg.data.crop_min_area)
     batches = B.train_batches(crops, C.local_batch_size(cfg.optim, rt), rt, seed=cfg.runtime.seed,
                               num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)

@@ -62,6 +62,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     batches, make_views = B.pretrain_views(
         train_set, rt, augmentation=cfg.data.augmentation, batch_size=C.local_batch_size(cfg.optim, rt),
         seed=cfg.runtime.seed, image_size=image_size, strength=cfg.data.color_jitter_strength, use_blur=use_blur,
+        crop_min_area=cfg.data.crop_min_area,
         num_workers=cfg.data.num_workers)
     generator = C.augment_generator(cfg.runtime.seed, rt.rank)
     stateful: dict[str, Any] = {"augment_rng": GeneratorState(generator)}
