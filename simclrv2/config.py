@@ -221,6 +221,7 @@ class PipelineConfig(StageConfig):
 
     data: DataConfig = field(default_factory=DataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seeds: list = _opt([0], "Seeds of repeated runs of the whole pipeline (each in RUN_DIR/seed-K), e.g. 0,1,2; the report gives each seed's numbers and their mean and standard deviation.")
     label_fractions: list = _opt([0.01, 0.1], "Fractions of the training set that are labelled, one column of the report each.")
     labels_per_class: list = _opt([], "Exact labelled counts per class, reported as their fraction of the training set.")
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -483,6 +484,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
                         f"{', '.join(PRESETS)}. (default: auto)")
     seen: set[str] = set()
     for flag, path, tp, default, help_text in _walk_flags(defaults):
+        if stage == "pipeline" and path == ("runtime", "seed"):
+            continue  # the pipeline's seeds are --seeds
         if flag in seen:
             raise AssertionError(f"{stage}: two options share the flag {flag}")
         seen.add(flag)

@@ -110,3 +110,28 @@ def test_nothing_to_report(tmp_path, capsys):
         write_html_report(tmp_path)
     assert cli.main(["report", str(tmp_path / "absent")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_seeds_are_summarised_by_mean_and_sample_sd_with_each_seeds_values(tmp_path):
+    from simclrv2.engine.report import summarise_seeds, write_pipeline_report
+
+    def seed_result(shift):
+        entry = {stage: {"top1": v["top1"] + shift, "top5": v["top5"]} for stage, v in REPORT["label_fractions"]["0.01"].items()
+                 if stage != "num_labelled"}
+        return {"label_fractions": {"0.01": {"num_labelled": 600, **entry}}, "wall_time_s": 10.0 + shift}
+
+    report = summarise_seeds({"0": seed_result(0.0), "1": seed_result(2.0), "2": seed_result(4.0)})
+    finetuned = report["label_fractions"]["0.01"]["finetuned"]
+    assert finetuned["top1"] == pytest.approx(47.25) and finetuned["top1_sd"] == pytest.approx(2.0)  # sd of 0, 2, 4
+    assert finetuned["top1_seeds"] == [45.25, 47.25, 49.25] and finetuned["top5_sd"] == 0.0
+    gain = report["label_fractions"]["0.01"]["distilled_minus_finetuned"]
+    assert gain["top1"] == pytest.approx(1.75) and gain["top1_sd"] == 0.0  # computed seed by seed
+    assert report["seeds"] == [0, 1, 2] and report["per_seed"]["1"]["wall_time_s"] == 12.0
+    table = pipeline_table(report)
+    assert "| Fine-tuned (teacher) | 47.2 ± 2.0 / 85.0 ± 0.0 |" in table
+    assert "| Distilled minus fine-tuned (top-1) | **+1.8 ± 0.0** |" in table
+    write_pipeline_report({**report, "wall_time_s": 36.0}, tmp_path)
+    assert "seed 2: 14 s" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").read_bytes().startswith(PNG_MAGIC)
+    one = summarise_seeds({"5": seed_result(0.0)})
+    assert "±" not in pipeline_table(one) and one["label_fractions"]["0.01"]["finetuned"]["top1_sd"] == 0.0

@@ -217,7 +217,7 @@ def test_pipeline_reruns_stages_whose_inputs_changed_and_refuses_other_settings(
             "--pretrain.train-steps", "2", "--finetune.train-steps", "1", "--baseline.train-steps", "1",
             "--distill.train-steps", "1", "--linear-eval.train-steps", "1"]
     _run(*args, "--max-steps", "1")
-    stage_dir = run_dir / "labels-0.5"
+    stage_dir = run_dir / "seed-0" / "labels-0.5"
     old = {name: _files(stage_dir / name) for name in ("linear_eval", "finetune", "distill", "baseline")}
     capsys.readouterr()
     _run(*args)  # pretraining goes on to step 2: what was trained from its step 1 is stale
@@ -228,7 +228,7 @@ def test_pipeline_reruns_stages_whose_inputs_changed_and_refuses_other_settings(
         record = json.loads((stage_dir / name / "run.json").read_text())
         assert record["inputs"]["checkpoint"]["step"] == (1 if name == "distill" else 2)
     assert not (stage_dir / "baseline.stale-1").exists()  # it has no inputs: resumed
-    assert json.loads((run_dir / "report.json").read_text())["pretrain"]["step"] == 2
+    assert json.loads((run_dir / "report.json").read_text())["per_seed"]["0"]["pretrain"]["step"] == 2
     _run(*args)  # nothing changed: every stage resumes at its end, none is stale
     assert "started from other inputs" not in capsys.readouterr().out
     assert not list(stage_dir.glob("*.stale-2"))

@@ -179,15 +179,24 @@ def test_pipeline_report(data_dir: Path, tmp_path: Path) -> None:
             "--finetune.train-steps", "2", "--baseline.train-steps", "2", "--distill.train-steps", "2",
             "--distill.train-batch-size", "32", "--linear-eval.train-steps", "2"]
     _run("pipeline", "--data-dir", data_dir, "--run-dir", run_dir, *FAST, *tiny,
-         "--label-fractions", "0.5", "--labels-per-class", "2")
+         "--label-fractions", "0.5", "--labels-per-class", "2", "--seeds", "0,3")
     report = json.loads((run_dir / "report.json").read_text())
+    assert report["seeds"] == [0, 3] and set(report["per_seed"]) == {"0", "3"}
     assert set(report["label_fractions"]) == {"0.5", f"{20 / 96:g}"}
-    for entry in report["label_fractions"].values():
+    for key, entry in report["label_fractions"].items():
         assert set(entry) >= {"baseline", "linear_eval", "finetuned", "distilled"}
         assert all(0 <= entry[s]["top1"] <= entry[s]["top5"] <= 100 for s in ("baseline", "finetuned"))
-    assert report["wall_time_s"] > 0
+        for stage in ("baseline", "finetuned"):  # the mean and spread are those of the seeds' own results
+            values = [report["per_seed"][s]["label_fractions"][key][stage]["top1"] for s in ("0", "3")]
+            assert entry[stage]["top1_seeds"] == values and entry[stage]["top1"] == pytest.approx(sum(values) / 2)
+            assert entry[stage]["top1_sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    for seed in (0, 3):  # each seed trains its own network in its own folder
+        assert (run_dir / f"seed-{seed}" / "pretrain" / "checkpoints" / "last.pt").exists()
+        assert json.loads((run_dir / f"seed-{seed}" / "pretrain" / "config.json").read_text())["runtime"]["seed"] == seed
+    assert report["wall_time_s"] > 0 and all(r["wall_time_s"] > 0 for r in report["per_seed"].values())
     assert (run_dir / "report.png").stat().st_size > 1000
-    assert "Fine-tuned minus baseline" in (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "Fine-tuned minus baseline" in text and " ± " in text and "seeds 0, 3" in text
 
 
 def test_distill_student_init_copies_the_pretrained_network(pretrained: Path, data_dir: Path, tmp_path: Path,

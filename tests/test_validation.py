@@ -44,6 +44,11 @@ COMMON = ["--progress", "false", "--precision", "fp32", "--num-threads", "1"]
     ("pipeline", ["--pretrain.temperature", "nan"], "--pretrain.temperature must be a finite number"),
     ("pipeline", ["--distill.distill-temperature", "0"], "--distill.distill-temperature must be positive"),
     ("pipeline", ["--baseline.warmup-epochs", "-1"], "--baseline.warmup-epochs must be >= 0"),
+    ("pipeline", ["--seeds", "0,1.5"], "--seeds values must be whole numbers"),
+    ("pipeline", ["--seeds", "1,1"], "--seeds repeats a seed: 1,1"),
+    ("pipeline", ["--seeds", ""], "--seeds: give at least one seed"),
+    ("pipeline", ["--crop-min-area", "0"], "--crop-min-area must be in (0, 1]"),
+    ("finetune", ["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
 ])
 def test_bad_numbers_are_refused_at_start_up_naming_the_flag(capsys, tmp_path: Path, stage: str, flags: list,
                                                              fragment: str) -> None:
@@ -61,3 +66,13 @@ def test_python_and_file_values_must_be_finite(value) -> None:
         config.build("pretrain", {"temperature": value})
     with pytest.raises(config.ConfigError, match="--distill.learning-rate must be a finite number"):
         config.build("pipeline", {"distill": {"optim": {"learning_rate": value}}})
+
+
+def test_pipeline_takes_seeds_not_seed(tmp_path: Path) -> None:
+    from simclrv2.cli import build_parser
+    from simclrv2.stages import pipeline
+
+    args = build_parser().parse_args(["pipeline", "--seed", "3"])  # the pipeline has only --seeds
+    assert config.resolve("pipeline", args).seeds == [3]
+    with pytest.raises(config.ConfigError, match="takes --seeds"):  # a config file's runtime.seed
+        pipeline.validate(config.build("pipeline", {"runtime": {"seed": 1}}), tmp_path)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .augment import ViewMaker, first_then_second
-from .datasets import ImageDataset, build_dataset
+from .datasets import ImageDataset
 from .errors import DataError
 from .loader import PRELOAD_MAX_BYTES, FileLoader, shard_indices
 from .torchvision_views import PILViewsDataset, torchvision_simclr_transform
@@ -74,10 +74,6 @@ def pretrain_views(dataset: ImageDataset, rt: "Runtime", *, augmentation: str, b
             return first_then_second(batch[0])
         return source, pil_views
     raise DataError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
-
-
-def split_size(dataset: str, data_dir: Optional[str], split: str) -> int:
-    return len(build_dataset(dataset, data_dir, split))
 
 
 class TensorBatches:

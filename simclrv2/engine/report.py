@@ -45,22 +45,63 @@ def save_figure(fig: Any, path: Path, dpi: int) -> None:
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
+GAINS = {"finetuned_minus_baseline": ("finetuned", "baseline", "Fine-tuned minus baseline (top-1)"),
+         "distilled_minus_finetuned": ("distilled", "finetuned", "Distilled minus fine-tuned (top-1)")}
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": values}
+
+
+def summarise_seeds(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pipeline report of several seeds' results (each as ``pipeline._run_seed`` returns):
+    per label amount and stage, the mean top-1/top-5 with their standard deviations and every
+    seed's values; per label amount, the gains of fine-tuning and distillation computed seed by
+    seed; and each seed's own results under ``per_seed``."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]["label_fractions"]
+    fractions: dict[str, Any] = {}
+    for key, entry in first.items():
+        runs = [per_seed[s]["label_fractions"][key] for s in seeds]
+        fractions[key] = {"num_labelled": entry["num_labelled"]}
+        for stage in STAGE_LABELS:
+            top1, top5 = _spread([r[stage]["top1"] for r in runs]), _spread([r[stage]["top5"] for r in runs])
+            fractions[key][stage] = {"top1": top1["mean"], "top5": top5["mean"], "top1_sd": top1["sd"],
+                                     "top5_sd": top5["sd"], "top1_seeds": top1["values"], "top5_seeds": top5["values"]}
+        for name, (better, than, _) in GAINS.items():
+            gain = _spread([r[better]["top1"] - r[than]["top1"] for r in runs])
+            fractions[key][name] = {"top1": gain["mean"], "top1_sd": gain["sd"], "top1_seeds": gain["values"]}
+    return {"seeds": [int(s) for s in seeds], "label_fractions": fractions, "per_seed": per_seed}
+
+
 def _fraction_title(key: str, entry: dict[str, Any]) -> str:
     return f"{100 * float(key):.3g} % ({entry['num_labelled']} labels)"
 
 
+def _cell(entry: dict[str, Any], metric: str, signed: bool = False) -> str:
+    """``mean`` or ``mean ± sd`` when the entry has a spread over seeds."""
+    value = f"{entry[metric]:+.1f}" if signed else f"{entry[metric]:.1f}"
+    return value + (f" ± {entry[metric + '_sd']:.1f}" if len(entry.get(metric + "_seeds", ())) > 1 else "")
+
+
 def pipeline_table(report: dict[str, Any]) -> str:
-    """Markdown table: one row per stage, one top-1 / top-5 column pair per label fraction."""
+    """Markdown table: one row per stage, one top-1 / top-5 column pair per label fraction; with
+    several seeds each cell is the mean ± the standard deviation over seeds."""
     fractions = report["label_fractions"]
     keys = sorted(fractions, key=float)
     header = "| stage | " + " | ".join(_fraction_title(k, fractions[k]) for k in keys) + " |"
     rule = "|---|" + "---:|" * len(keys)
     rows = [header, rule]
     for stage, title in STAGE_LABELS.items():
-        cells = [f"{fractions[k][stage]['top1']:.1f} / {fractions[k][stage]['top5']:.1f}" for k in keys]
+        cells = [f"{_cell(fractions[k][stage], 'top1')} / {_cell(fractions[k][stage], 'top5')}" for k in keys]
         rows.append(f"| {title} | " + " | ".join(cells) + " |")
-    gains = [f"{fractions[k]['finetuned']['top1'] - fractions[k]['baseline']['top1']:+.1f}" for k in keys]
-    rows.append("| Fine-tuned minus baseline (top-1) | " + " | ".join(gains) + " |")
+    for name, (better, than, title) in GAINS.items():  # reports of one seed from before 2026-12 lack them
+        gains = [fractions[k].get(name) or {"top1": fractions[k][better]["top1"] - fractions[k][than]["top1"]}
+                 for k in keys]
+        rows.append(f"| {title} | " + " | ".join(f"**{_cell(g, 'top1', signed=True)}**" for g in gains) + " |")
     return "\n".join(rows)
 
 
@@ -77,15 +118,17 @@ def plot_pipeline(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(keys), 4.2))
     for i, (stage, title) in enumerate(STAGE_LABELS.items()):
         values = [fractions[k][stage]["top1"] for k in keys]
+        spread = [fractions[k][stage].get("top1_sd", 0.0) for k in keys]
         xs = [j + (i - (len(STAGE_LABELS) - 1) / 2) * width for j in range(len(keys))]
-        bars = ax.bar(xs, values, width, label=title)
+        bars = ax.bar(xs, values, width, label=title, yerr=spread if any(spread) else None, capsize=3)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(keys)), [_fraction_title(k, fractions[k]) for k in keys])
     ax.set_xlabel("labelled fraction of the training set")
     ax.set_ylabel("top-1 accuracy (%)")
     low = min(fractions[k][s]["top1"] for k in keys for s in STAGE_LABELS)
     ax.set_ylim(max(0.0, low - 10), 100)
-    ax.set_title("SimCLRv2: what each stage buys")
+    seeds = report.get("seeds", [])
+    ax.set_title("SimCLRv2: what each stage buys" + (f" (mean ± sd of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -98,8 +141,11 @@ def write_pipeline_report(report: dict[str, Any], run_dir: Path) -> None:
     run_dir = Path(run_dir)
     write_json(run_dir / "report.json", report)
     table = pipeline_table(report)
-    text = f"# SimCLRv2 pipeline report\n\nTop-1 / top-5 accuracy (%) on the held-out split.\n\n{table}\n\n" \
-           f"Wall time: {report['wall_time_s']:.0f} s\n"
+    seeds = report.get("seeds", [])
+    spread = f", mean ± standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    times = ", ".join(f"seed {s}: {r['wall_time_s']:.0f} s" for s, r in report.get("per_seed", {}).items())
+    text = f"# SimCLRv2 pipeline report\n\nTop-1 / top-5 accuracy (%) on the held-out split{spread}.\n\n{table}\n\n" \
+           f"Wall time: {report['wall_time_s']:.0f} s" + (f" ({times})" if times else "") + "\n"
     write_text(run_dir / "report.md", text)
     plot_pipeline(report, run_dir / "report.png")
     print("\n" + table + f"\n\nwall time {report['wall_time_s']:.0f} s; report in {run_dir}/report.{{json,md,png}}")
@@ -186,7 +232,8 @@ def accuracy_table_html(report: dict[str, Any]) -> str:
         cells = []
         for k in keys:
             entry = fractions[k].get(stage)
-            cells.append(f"<td>{entry['top1']:.1f} / {entry['top5']:.1f}</td>" if entry else "<td>&ndash;</td>")
+            cells.append(f"<td>{html.escape(_cell(entry, 'top1'))} / {html.escape(_cell(entry, 'top5'))}</td>"
+                         if entry else "<td>&ndash;</td>")
         rows.append(f"<tr><th>{html.escape(title)}</th>{''.join(cells)}</tr>")
     return "<table>\n" + "\n".join(rows) + "\n</table>"
 

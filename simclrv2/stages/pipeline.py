@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 
 from simclrv2 import distributed
 from simclrv2.config import ConfigError, DataConfig, LabelConfig, PipelineConfig, save_config, validate_data, validate_runtime
-from simclrv2.data.batches import split_size
-from simclrv2.engine.report import write_pipeline_report
+from simclrv2.data.splits import load_split
+from simclrv2.engine.report import summarise_seeds, write_pipeline_report
 from simclrv2.engine.run_folder import StaleInputs, claim_run_folder, name_run_dir, releases_run_folders, set_aside
 from simclrv2.engine.runtime import join_process_group
 from simclrv2.stages import distill, finetune, linear_eval, pretrain
@@ -81,8 +81,22 @@ def _folder(key: Optional[str], labels: LabelConfig) -> str:
     return f"labels-{labels.labels_per_class}-per-class" if key is None else f"labels-{key}"
 
 
+def _seeds(cfg: PipelineConfig) -> list[int]:
+    if "runtime.seed" in cfg.explicit:
+        raise ConfigError("the pipeline takes --seeds (e.g. --seeds 1 or --seeds 0,1,2), not --seed")
+    if not cfg.seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0")
+    for seed in cfg.seeds:
+        if not (float(seed).is_integer() and 0 <= seed < 2**32):
+            raise ConfigError(f"--seeds values must be whole numbers in [0, 2**32), got {seed}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"--seeds repeats a seed: {','.join(f'{s:g}' for s in cfg.seeds)}; give each once")
+    return [int(seed) for seed in cfg.seeds]
+
+
 def validate(cfg: PipelineConfig, run_dir: Path) -> None:
     """Every stage's settings, checked before pretraining starts (flags named as the pipeline's)."""
+    _seeds(cfg)
     validate_data(cfg.data)
     validate_runtime(cfg.runtime)
     pretrain.validate(_stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"), "pretrain.")
@@ -109,26 +123,13 @@ def _run_stage(run: Callable[..., dict[str, Any]], cfg: Any, **kwargs: Any) -> d
         return run(copy.deepcopy(cfg), **kwargs)
 
 
-@releases_run_folders
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage and write the report; returns the report dict. The pipeline holds its
-    folder's lock throughout, each stage its sub-folder's."""
+def _run_seed(cfg: PipelineConfig, seed_dir: Path, num_train: int) -> dict[str, Any]:
+    """Every stage for one seed, in ``seed_dir``; returns that seed's results."""
     start = time.perf_counter()
-    join_process_group(cfg.runtime.device)  # under torchrun: one process group for all stages; rank 0 writes
-    run_dir = name_run_dir(cfg.runtime.run_dir, "pipeline", distributed.is_main())
-    cfg = replace(cfg, runtime=replace(cfg.runtime, run_dir=str(run_dir)))
-    validate(cfg, run_dir)
-    claim_run_folder(run_dir, "pipeline", cfg, {})
-    if distributed.is_main():
-        save_config(cfg, run_dir)
-
-    num_train = split_size(cfg.data.dataset, cfg.data.data_dir, "train")
-    if cfg.data.subset is not None:
-        num_train = min(num_train, cfg.data.subset)
-    pre = _run_stage(pretrain.run, _stage_cfg(cfg.pretrain, cfg, run_dir, "pretrain"))
+    pre = _run_stage(pretrain.run, _stage_cfg(cfg.pretrain, cfg, seed_dir, "pretrain"))
     results: dict[str, dict[str, Any]] = {}
     for key, labels in _label_settings(cfg):
-        stages = _label_stages(cfg, run_dir, labels, _folder(key, labels))
+        stages = _label_stages(cfg, seed_dir, labels, _folder(key, labels))
         le = _run_stage(linear_eval.run, stages["linear_eval"])
         ft = _run_stage(finetune.run, stages["finetune"])
         ds = _run_stage(distill.run, stages["distill"])
@@ -140,8 +141,32 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             **{name: {"top1": r["top1"], "top5": r["top5"]} for name, r in
                zip(STAGE_KEYS, (bl, le, ft, ds))},
         }
-    report = {"label_fractions": results, "wall_time_s": round(time.perf_counter() - start, 1),
-              "pretrain": {k: pre[k] for k in ("step", "linear_eval_top1") if k in pre}}
+    return {"label_fractions": results, "wall_time_s": round(time.perf_counter() - start, 1),
+            "pretrain": {k: pre[k] for k in ("step", "linear_eval_top1") if k in pre}}
+
+
+@releases_run_folders
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every stage once per seed (in ``RUN_DIR/seed-K``) and write the report of their mean
+    and spread; returns the report dict. The pipeline holds its folder's lock throughout, each
+    stage its sub-folder's."""
+    start = time.perf_counter()
+    join_process_group(cfg.runtime.device)  # under torchrun: one process group for all stages; rank 0 writes
+    run_dir = name_run_dir(cfg.runtime.run_dir, "pipeline", distributed.is_main())
+    cfg = replace(cfg, runtime=replace(cfg.runtime, run_dir=str(run_dir)))
+    validate(cfg, run_dir)
+    claim_run_folder(run_dir, "pipeline", cfg, {})
+    if distributed.is_main():
+        save_config(cfg, run_dir)
+
+    num_train = len(load_split(cfg.data, "train"))  # without --eval-split val's held-out images
+    if cfg.data.subset is not None:
+        num_train = min(num_train, cfg.data.subset)
+    per_seed = {}
+    for seed in _seeds(cfg):
+        seeded = replace(cfg, runtime=replace(cfg.runtime, seed=seed))
+        per_seed[str(seed)] = _run_seed(seeded, run_dir / f"seed-{seed}", num_train)
+    report = {**summarise_seeds(per_seed), "wall_time_s": round(time.perf_counter() - start, 1)}
     if distributed.is_main():
         write_pipeline_report(report, run_dir)
     return report
