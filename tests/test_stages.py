@@ -215,3 +215,21 @@ def test_distill_student_init_copies_the_pretrained_network(pretrained: Path, da
                  "--run-dir", str(tmp_path / "bad"), "--student.width-multiplier", "0.0625",
                  "--student-init", str(pretrained)])
     assert code == 2 and "--student-init" in capsys.readouterr().err
+
+
+def test_paper_fine_tune_rule_for_wider_models_and_more_labels() -> None:
+    """SimCLRv2 section 4: lr 0.005 x sqrt(B) (0.002 for width > 1 or SK), 60 epochs at 1 %, 30 at 10 %."""
+    from simclrv2 import config
+    from simclrv2.stages.finetune import paper_recipe
+
+    imagenet = config.build("finetune", {"data": {"dataset": "folder"}})
+    assert (imagenet.optim.learning_rate, imagenet.optim.train_epochs) == (0.005, 60.0)
+    assert paper_recipe(imagenet, 0.01) == imagenet
+    ten = paper_recipe(imagenet, 0.1).optim
+    assert (ten.learning_rate, ten.train_epochs) == (0.005, 30.0)
+    for model in ({"width_multiplier": 2.0}, {"sk_ratio": 0.0625}):
+        wide = config.build("finetune", {"data": {"dataset": "folder"}, "model": model})
+        assert paper_recipe(wide, 0.01).optim.learning_rate == 0.002
+    chosen = config.build("finetune", {"data": {"dataset": "folder"}, "model": {"width_multiplier": 2.0},
+                                       "optim": {"learning_rate": 0.005, "train_epochs": 60}})
+    assert paper_recipe(chosen, 0.1) == chosen  # the user's values stay

@@ -59,6 +59,21 @@ def _build_model(cfg: FinetuneConfig, image_size: int,
     return model, cfg, inputs
 
 
+def paper_recipe(cfg: FinetuneConfig, labelled_fraction: float) -> FinetuneConfig:
+    """``cfg`` with the paper's fine-tuning rule where it keeps the paper's defaults (SimCLRv2
+    section 4): lr 0.005 x sqrt(B) for standard ResNets but 0.002 x sqrt(B) for wider (width > 1)
+    or SK ones, and 60 epochs with 1 % of the labels but 30 with 10 % or more. A learning rate or
+    epoch count that a preset or the user changed is kept."""
+    paper, changes = FinetuneConfig().optim, {}
+    wide = cfg.model.width_multiplier > 1 or cfg.model.sk_ratio > 0
+    if wide and cfg.optim.learning_rate == paper.learning_rate and "optim.learning_rate" not in cfg.explicit:
+        changes["learning_rate"] = 0.002
+    if (labelled_fraction >= 0.1 and cfg.optim.train_epochs == paper.train_epochs
+            and "optim.train_epochs" not in cfg.explicit and "optim.train_steps" not in cfg.explicit):
+        changes["train_epochs"] = 30.0
+    return replace(cfg, optim=replace(cfg.optim, **changes)) if changes else cfg
+
+
 @releases_run_folders
 def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     """Fine-tune (or train the baseline), evaluate on ``--eval-split`` and return the metrics."""
@@ -69,6 +84,7 @@ def run(cfg: FinetuneConfig, stage: str = "finetune") -> dict[str, Any]:
     image_size = C.image_size_of(cfg.data, full)
     cfg = replace(cfg, optim=C.fit_batch_to_data(cfg.optim, len(labelled), rt))
     model, cfg, inputs = _build_model(cfg, image_size, len(full.classes))
+    cfg = paper_recipe(cfg, len(labelled) / len(full))
     run_dir, cfg = C.start_run(cfg, stage, rt, inputs)
 
     net = prepare_model(model, rt, cfg.runtime.global_bn, cfg.runtime.compile)

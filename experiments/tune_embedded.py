@@ -1,0 +1,124 @@
+"""Choose the embedded preset's label-stage settings on a validation split, with the same search
+budget for the supervised baseline, the fine-tune and the distillation (issue #18).
+
+Protocol (see docs/tuning.md for what was found):
+
+* Every run uses ``--eval-split val``: a class-balanced 10 % of Fashion-MNIST's training split
+  (the same 6 000 images for every seed) is held out; pretraining, the labels and distillation
+  use the other 54 000 images, and every setting is judged by top-1 on those held-out images.
+  The test split is never read here; the pipeline reports on it afterwards.
+* One pretraining run with the preset's settings serves every fine-tune and distillation.
+* At each label amount (10 per class and 1 %) the baseline and the fine-tune each try the same
+  grid (``GRID``: learning rate x epochs, six settings) and the distillation tries six settings
+  of its own (``DISTILL_GRID``: learning rate x the student's start), from the best fine-tune.
+  Everything not searched is the preset's value.
+
+Each run is one ``python -m simclrv2`` command in its own folder under ``--out``; rerunning the
+script skips finished runs and resumes unfinished ones. The results land in ``--out/tuning.json``
+(every trial, its settings, validation top-1 and wall time, and the choice per stage).
+
+    python experiments/tune_embedded.py --out runs/tune-embedded
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+AMOUNTS = {"10-per-class": ["--labels-per-class", "10"], "1pct": ["--label-fraction", "0.01"]}
+GRID = {"learning_rate": [0.01, 0.03, 0.1], "train_epochs": [60, 200]}  # baseline and fine-tune alike
+DISTILL_GRID = {"learning_rate": [0.03, 0.1, 0.3], "student_init": ["pretrained", "scratch"]}
+
+
+def settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in order."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def name(setting: dict[str, Any]) -> str:
+    return "-".join(f"{key.replace('_', '')}{value:g}" if isinstance(value, (int, float)) else str(value)
+                    for key, value in setting.items())
+
+
+def flags(setting: dict[str, Any]) -> list[str]:
+    return [arg for key, value in setting.items() if key != "student_init"
+            for arg in (f"--{key.replace('_', '-')}", f"{value:g}")]
+
+
+def best(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial with the highest validation top-1 (the first of equals)."""
+    return max(trials, key=lambda t: t["val_top1"])
+
+
+class Tuner:
+    def __init__(self, out: Path, seed: int, extra: list[str]):
+        self.out, self.seed, self.extra = out, seed, extra
+        self.trials: list[dict[str, Any]] = []
+
+    def run(self, command: str, folder: str, args: list[str]) -> tuple[Path, float]:
+        """Run (or resume, or skip when finished) one command in ``out/folder``; returns the
+        folder and the seconds this call spent."""
+        run_dir = self.out / folder
+        argv = [sys.executable, "-m", "simclrv2", command, "--eval-split", "val", "--seed", str(self.seed),
+                "--progress", "false", "--run-dir", str(run_dir), *self.extra, *args]
+        start = time.perf_counter()
+        if not ((run_dir / "eval.json").exists() or (command == "pretrain" and (run_dir / "done").exists())):
+            print("$", " ".join(argv[2:]), flush=True)
+            with open(self.out / f"{folder.replace('/', '__')}.log", "a") as log:
+                subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+            if command == "pretrain":
+                (run_dir / "done").write_text("")
+        return run_dir, time.perf_counter() - start
+
+    def trial(self, stage: str, amount: str, setting: dict[str, Any], command: str, args: list[str]) -> dict[str, Any]:
+        run_dir, seconds = self.run(command, f"{amount}/{stage}-{name(setting)}", [*AMOUNTS[amount], *args])
+        result = json.loads((run_dir / "eval.json").read_text())
+        record = {"stage": stage, "amount": amount, "setting": setting, "val_top1": result["top1"],
+                  "val_top5": result["top5"], "folder": str(run_dir.relative_to(self.out)),
+                  "wall_time_s": round(seconds, 1) if seconds > 1 else None}
+        self.trials.append(record)
+        print(f"  {stage:<9} {amount:<13} {name(setting):<40} val top-1 {result['top1']:.2f}", flush=True)
+        return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/tune-embedded"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--amounts", default=",".join(AMOUNTS), help="comma-separated subset of " + ", ".join(AMOUNTS))
+    args, extra = parser.parse_known_args(argv)  # extra flags go to every command (e.g. --data-dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tuner = Tuner(args.out, args.seed, extra)
+    pretrained, _ = tuner.run("pretrain", "pretrain", [])
+    chosen: dict[str, dict[str, Any]] = {}
+    for amount in args.amounts.split(","):
+        for stage, checkpoint in (("baseline", []), ("finetune", ["--checkpoint", str(pretrained)])):
+            trials = [tuner.trial(stage, amount, s, "finetune", [*checkpoint, *flags(s)]) for s in settings(GRID)]
+            chosen[f"{amount}/{stage}"] = best(trials)
+        teacher = tuner.out / chosen[f"{amount}/finetune"]["folder"]
+        trials = [tuner.trial("distill", amount, s, "distill",
+                              ["--checkpoint", str(teacher), *flags(s),
+                               *(["--student-init", str(pretrained)] if s["student_init"] == "pretrained" else [])])
+                  for s in settings(DISTILL_GRID)]
+        chosen[f"{amount}/distill"] = best(trials)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    record = {"protocol": "validation top-1 on a held-out 10 % of the training split (--eval-split val); "
+                          "test split unused", "seed": args.seed, "grid": GRID, "distill_grid": DISTILL_GRID,
+              "commit": commit, "cpu": cpu, "extra_flags": extra, "trials": tuner.trials, "chosen": chosen}
+    (args.out / "tuning.json").write_text(json.dumps(record, indent=1) + "\n")
+    for key, trial in chosen.items():
+        print(f"chosen {key:<24} {name(trial['setting']):<40} val top-1 {trial['val_top1']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
