@@ -57,6 +57,23 @@ def best(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return max(trials, key=lambda t: t["val_top1"])
 
 
+def tables(record: dict[str, Any]) -> str:
+    """Markdown: per label amount, validation top-1 of every setting of every stage, the chosen
+    ones in bold."""
+    chosen = {(c["stage"], c["amount"], name(c["setting"])) for c in record["chosen"].values()}
+    lines = []
+    for amount in dict.fromkeys(t["amount"] for t in record["trials"]):
+        lines += [f"**{amount}** (validation top-1, %)", "", "| stage | setting | val top-1 | wall time (s) |",
+                  "|---|---|---:|---:|"]
+        for t in (t for t in record["trials"] if t["amount"] == amount):
+            value = f"{t['val_top1']:.2f}"
+            value = f"**{value}**" if (t["stage"], amount, name(t["setting"])) in chosen else value
+            seconds = "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.0f}"
+            lines.append(f"| {t['stage']} | {name(t['setting'])} | {value} | {seconds} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 class Tuner:
     def __init__(self, out: Path, seed: int, extra: list[str]):
         self.out, self.seed, self.extra = out, seed, extra
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                           "test split unused", "seed": args.seed, "grid": GRID, "distill_grid": DISTILL_GRID,
               "commit": commit, "cpu": cpu, "extra_flags": extra, "trials": tuner.trials, "chosen": chosen}
     (args.out / "tuning.json").write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / "tuning.md").write_text(tables(record))
     for key, trial in chosen.items():
         print(f"chosen {key:<24} {name(trial['setting']):<40} val top-1 {trial['val_top1']:.2f}")
     return 0

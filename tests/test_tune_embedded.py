@@ -44,3 +44,5 @@ def test_miniature_search_judges_on_val_and_never_reads_test(tmp_path: Path, mon
         result = json.loads((out / trial["folder"] / "eval.json").read_text())
         assert result["num_examples"] == 40 and trial["val_top1"] == result["top1"]  # the 20 % of 200 held out
     assert tune.main(["--out", str(out), "--amounts", "3-per-class", *flags]) == 0  # a rerun finds it all done
+    table = (out / "tuning.md").read_text()
+    assert "**3-per-class**" in table and table.count("| distill |") == 2 and table.count("**") >= 4
