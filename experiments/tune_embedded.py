@@ -9,9 +9,9 @@ Protocol (see docs/tuning.md for what was found):
   The test split is never read here; the pipeline reports on it afterwards.
 * One pretraining run with the preset's settings serves every fine-tune and distillation.
 * At each label amount (10 per class and 1 %) the baseline and the fine-tune each try the same
-  grid (``GRID``: learning rate x epochs, six settings) and the distillation tries six settings
-  of its own (``DISTILL_GRID``: learning rate x the student's start), from the best fine-tune.
-  Everything not searched is the preset's value.
+  grid (``GRID``: learning rate x epochs x smallest crop, eight settings) and the distillation
+  tries eight settings of its own (``DISTILL_GRID``: learning rate x smallest crop x the
+  student's start), from the best fine-tune. Everything not searched is the preset's value.
 
 Each run is one ``python -m simclrv2`` command in its own folder under ``--out``; rerunning the
 script skips finished runs and resumes unfinished ones. The results land in ``--out/tuning.json``
@@ -28,13 +28,16 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 AMOUNTS = {"10-per-class": ["--labels-per-class", "10"], "1pct": ["--label-fraction", "0.01"]}
-GRID = {"learning_rate": [0.01, 0.03, 0.1], "train_epochs": [60, 200]}  # baseline and fine-tune alike
-DISTILL_GRID = {"learning_rate": [0.03, 0.1, 0.3], "student_init": ["pretrained", "scratch"]}
+# Eight settings for every stage. The baseline and the fine-tune search the same grid; the
+# distillation's epochs are fixed by the time budget, so it searches its start instead.
+GRID = {"learning_rate": [0.02, 0.08], "train_epochs": [60, 200], "crop_min_area": [0.08, 0.25]}
+DISTILL_GRID = {"learning_rate": [0.03, 0.1], "crop_min_area": [0.08, 0.25], "student_init": ["pretrained", "scratch"]}
 
 
 def settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -75,16 +78,17 @@ def tables(record: dict[str, Any]) -> str:
 
 
 class Tuner:
-    def __init__(self, out: Path, seed: int, extra: list[str]):
-        self.out, self.seed, self.extra = out, seed, extra
+    def __init__(self, out: Path, seed: int, jobs: int, extra: list[str]):
+        self.out, self.seed, self.jobs, self.extra = out, seed, jobs, extra
         self.trials: list[dict[str, Any]] = []
 
     def run(self, command: str, folder: str, args: list[str]) -> tuple[Path, float]:
         """Run (or resume, or skip when finished) one command in ``out/folder``; returns the
         folder and the seconds this call spent."""
         run_dir = self.out / folder
+        threads = ["--num-threads", "1"] if self.jobs > 1 and command != "pretrain" else []
         argv = [sys.executable, "-m", "simclrv2", command, "--eval-split", "val", "--seed", str(self.seed),
-                "--progress", "false", "--run-dir", str(run_dir), *self.extra, *args]
+                "--progress", "false", "--run-dir", str(run_dir), *threads, *self.extra, *args]
         start = time.perf_counter()
         if not ((run_dir / "eval.json").exists() or (command == "pretrain" and (run_dir / "done").exists())):
             print("$", " ".join(argv[2:]), flush=True)
@@ -100,30 +104,40 @@ class Tuner:
         record = {"stage": stage, "amount": amount, "setting": setting, "val_top1": result["top1"],
                   "val_top5": result["top5"], "folder": str(run_dir.relative_to(self.out)),
                   "wall_time_s": round(seconds, 1) if seconds > 1 else None}
-        self.trials.append(record)
         print(f"  {stage:<9} {amount:<13} {name(setting):<40} val top-1 {result['top1']:.2f}", flush=True)
         return record
+
+    def trials_of(self, jobs: list[tuple]) -> list[dict[str, Any]]:
+        """Run ``trial(*job)`` for every job, ``self.jobs`` at a time (one CPU thread each when
+        more than one); records are kept in the jobs' order."""
+        with ThreadPoolExecutor(self.jobs) as pool:
+            records = list(pool.map(lambda job: self.trial(*job), jobs))
+        self.trials += records
+        return records
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/tune-embedded"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (one seed: the budget of 2 CPU cores)")
     parser.add_argument("--amounts", default=",".join(AMOUNTS), help="comma-separated subset of " + ", ".join(AMOUNTS))
+    parser.add_argument("--jobs", type=int, default=2, help="trials run at once, one CPU thread each")
     args, extra = parser.parse_known_args(argv)  # extra flags go to every command (e.g. --data-dir)
     args.out.mkdir(parents=True, exist_ok=True)
-    tuner = Tuner(args.out, args.seed, extra)
+    tuner = Tuner(args.out, args.seed, args.jobs, extra)
     pretrained, _ = tuner.run("pretrain", "pretrain", [])
     chosen: dict[str, dict[str, Any]] = {}
     for amount in args.amounts.split(","):
-        for stage, checkpoint in (("baseline", []), ("finetune", ["--checkpoint", str(pretrained)])):
-            trials = [tuner.trial(stage, amount, s, "finetune", [*checkpoint, *flags(s)]) for s in settings(GRID)]
-            chosen[f"{amount}/{stage}"] = best(trials)
+        stages = (("baseline", []), ("finetune", ["--checkpoint", str(pretrained)]))
+        trials = tuner.trials_of([(stage, amount, s, "finetune", [*checkpoint, *flags(s)])
+                                  for stage, checkpoint in stages for s in settings(GRID)])
+        for stage, _ in stages:
+            chosen[f"{amount}/{stage}"] = best([t for t in trials if t["stage"] == stage])
         teacher = tuner.out / chosen[f"{amount}/finetune"]["folder"]
-        trials = [tuner.trial("distill", amount, s, "distill",
-                              ["--checkpoint", str(teacher), *flags(s),
-                               *(["--student-init", str(pretrained)] if s["student_init"] == "pretrained" else [])])
-                  for s in settings(DISTILL_GRID)]
+        trials = tuner.trials_of([("distill", amount, s, "distill",
+                                   ["--checkpoint", str(teacher), *flags(s),
+                                    *(["--student-init", str(pretrained)] if s["student_init"] == "pretrained" else [])])
+                                  for s in settings(DISTILL_GRID)])
         chosen[f"{amount}/distill"] = best(trials)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -17,8 +17,9 @@ spec.loader.exec_module(tune)
 
 def test_every_stage_gets_a_search_of_the_same_size() -> None:
     grid = tune.settings(tune.GRID)
-    assert len(grid) == len(tune.settings(tune.DISTILL_GRID)) == 6
-    assert grid[0] == {"learning_rate": 0.01, "train_epochs": 60} and len({tune.name(s) for s in grid}) == 6
+    assert len(grid) == len(tune.settings(tune.DISTILL_GRID)) == 8
+    assert grid[0] == {"learning_rate": 0.02, "train_epochs": 60, "crop_min_area": 0.08}
+    assert len({tune.name(s) for s in grid}) == 8
     assert tune.flags({"learning_rate": 0.03, "student_init": "scratch"}) == ["--learning-rate", "0.03"]
 
 
@@ -39,6 +40,7 @@ def test_miniature_search_judges_on_val_and_never_reads_test(tmp_path: Path, mon
     assert tune.main(["--out", str(out), "--amounts", "3-per-class", *flags]) == 0
     record = json.loads((out / "tuning.json").read_text())
     assert [t["stage"] for t in record["trials"]] == ["baseline", "finetune", "distill", "distill"]
+    assert record["trials"][2]["setting"]["student_init"] == "pretrained"
     assert set(record["chosen"]) == {"3-per-class/baseline", "3-per-class/finetune", "3-per-class/distill"}
     for trial in record["trials"]:
         result = json.loads((out / trial["folder"] / "eval.json").read_text())
