@@ -261,30 +261,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "embedded": {
         # ImageNet's 1 % is about 13 labels per class: report 10 per class and 1 % (60 per class).
         "pipeline": {"labels_per_class": [10], "label_fractions": [0.01]},
-        # Crops of at least a quarter of the 28 px image and colour strength 0.5 (brightness and
-        # contrast only, on grey images) gave the best fine-tunes of 2-epoch pretrainings judged
-        # on the val split (docs/tuning.md).
+        # Every value below was chosen on the val split (docs/tuning.md). Pretraining: crops of at
+        # least a quarter of the 28 px image and colour strength 0.5 (brightness and contrast
+        # only, on grey images); 4 epochs is what the 15-minute budget leaves.
         "pretrain": {
             "model": _EMBEDDED_MODEL, "temperature": 0.2, "runtime": _EMBEDDED_RUNTIME,
             "data": {"crop_min_area": 0.25, "color_jitter_strength": 0.5},
-            "optim": {"train_batch_size": 256, "train_epochs": 5, "learning_rate": 0.075,
+            "optim": {"train_batch_size": 256, "train_epochs": 4, "learning_rate": 0.075,
                       "learning_rate_scaling": "sqrt", "warmup_epochs": 0.5, "weight_decay": 1e-4},
         },
+        # The fine-tune and the baseline searched the same eight settings (lr x epochs x crop);
+        # each keeps the one with the best mean over the two label amounts.
         "finetune": {
-            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME,
-            "optim": {"train_batch_size": 64, "train_epochs": 60, "learning_rate": 0.005,
+            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME, "data": {"crop_min_area": 0.25},
+            "optim": {"train_batch_size": 64, "train_epochs": 200, "learning_rate": 0.02,
                       "learning_rate_scaling": "sqrt", "warmup_epochs": 0, "weight_decay": 0.0},
         },
-        # From scratch the network needs more passes over its few labels: 200 epochs at lr 0.05
-        # was the best of a small sweep (lr 0.02-0.2, 60-400 epochs) with 10 labels per class.
         "baseline": {
-            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME,
-            "optim": {"train_batch_size": 64, "train_epochs": 200, "learning_rate": 0.05,
+            "model": _EMBEDDED_MODEL, "runtime": _EMBEDDED_RUNTIME, "data": {"crop_min_area": 0.25},
+            "optim": {"train_batch_size": 64, "train_epochs": 200, "learning_rate": 0.08,
                       "learning_rate_scaling": "sqrt", "warmup_epochs": 0, "weight_decay": 1e-4},
         },
+        # Two epochs over all unlabeled images, the student starting from the pretrained network.
         "distill": {
-            "runtime": _EMBEDDED_RUNTIME,
-            "optim": {"train_batch_size": 256, "train_epochs": 2, "learning_rate": 0.075,
+            "runtime": _EMBEDDED_RUNTIME, "data": {"crop_min_area": 0.25},
+            "optim": {"train_batch_size": 256, "train_epochs": 2, "learning_rate": 0.1,
                       "learning_rate_scaling": "sqrt", "warmup_epochs": 0.1, "weight_decay": 1e-4},
         },
         "linear-eval": {
