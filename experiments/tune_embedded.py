@@ -15,7 +15,8 @@ Protocol (see docs/tuning.md for what was found):
 
 Each run is one ``python -m simclrv2`` command in its own folder under ``--out``; rerunning the
 script skips finished runs and resumes unfinished ones. The results land in ``--out/tuning.json``
-(every trial, its settings, validation top-1 and wall time, and the choice per stage).
+(every trial, its settings and validation top-1/top-5; the best per stage and amount; and
+the preset's one setting per stage, the best mean over the amounts) and ``tuning.md``.
 
     python experiments/tune_embedded.py --out runs/tune-embedded
 """
@@ -27,7 +28,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,19 +60,31 @@ def best(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return max(trials, key=lambda t: t["val_top1"])
 
 
+def best_over_amounts(trials: list[dict[str, Any]], stage: str) -> dict[str, Any]:
+    """The preset's one setting of ``stage``: the best mean validation top-1 over the label
+    amounts (the first of equals), with that mean and each amount's value."""
+    by_setting: dict[str, dict[str, float]] = {}
+    for t in trials:
+        if t["stage"] == stage:
+            by_setting.setdefault(name(t["setting"]), {})[t["amount"]] = t["val_top1"]
+    amounts = {t["amount"] for t in trials if t["stage"] == stage}
+    complete = {k: v for k, v in by_setting.items() if set(v) == amounts}
+    key = max(complete, key=lambda k: sum(complete[k].values()) / len(amounts))
+    setting = next(t["setting"] for t in trials if t["stage"] == stage and name(t["setting"]) == key)
+    return {"setting": setting, "mean_val_top1": sum(complete[key].values()) / len(amounts), "val_top1": complete[key]}
+
+
 def tables(record: dict[str, Any]) -> str:
     """Markdown: per label amount, validation top-1 of every setting of every stage, the chosen
     ones in bold."""
-    chosen = {(c["stage"], c["amount"], name(c["setting"])) for c in record["chosen"].values()}
+    chosen = {(stage, amount, name(c["setting"])) for stage, c in record["preset"].items() for amount in c["val_top1"]}
     lines = []
     for amount in dict.fromkeys(t["amount"] for t in record["trials"]):
-        lines += [f"**{amount}** (validation top-1, %)", "", "| stage | setting | val top-1 | wall time (s) |",
-                  "|---|---|---:|---:|"]
+        lines += [f"**{amount}** (validation top-1, %; in bold the preset's setting of each stage)", "", "| stage | setting | val top-1 |", "|---|---|---:|"]
         for t in (t for t in record["trials"] if t["amount"] == amount):
             value = f"{t['val_top1']:.2f}"
             value = f"**{value}**" if (t["stage"], amount, name(t["setting"])) in chosen else value
-            seconds = "" if t["wall_time_s"] is None else f"{t['wall_time_s']:.0f}"
-            lines.append(f"| {t['stage']} | {name(t['setting'])} | {value} | {seconds} |")
+            lines.append(f"| {t['stage']} | {name(t['setting'])} | {value} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -82,28 +94,25 @@ class Tuner:
         self.out, self.seed, self.jobs, self.extra = out, seed, jobs, extra
         self.trials: list[dict[str, Any]] = []
 
-    def run(self, command: str, folder: str, args: list[str]) -> tuple[Path, float]:
-        """Run (or resume, or skip when finished) one command in ``out/folder``; returns the
-        folder and the seconds this call spent."""
+    def run(self, command: str, folder: str, args: list[str]) -> Path:
+        """Run (or resume, or skip when finished) one command in ``out/folder``; returns the folder."""
         run_dir = self.out / folder
         threads = ["--num-threads", "1"] if self.jobs > 1 and command != "pretrain" else []
         argv = [sys.executable, "-m", "simclrv2", command, "--eval-split", "val", "--seed", str(self.seed),
                 "--progress", "false", "--run-dir", str(run_dir), *threads, *self.extra, *args]
-        start = time.perf_counter()
         if not ((run_dir / "eval.json").exists() or (command == "pretrain" and (run_dir / "done").exists())):
             print("$", " ".join(argv[2:]), flush=True)
             with open(self.out / f"{folder.replace('/', '__')}.log", "a") as log:
                 subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
             if command == "pretrain":
                 (run_dir / "done").write_text("")
-        return run_dir, time.perf_counter() - start
+        return run_dir
 
     def trial(self, stage: str, amount: str, setting: dict[str, Any], command: str, args: list[str]) -> dict[str, Any]:
-        run_dir, seconds = self.run(command, f"{amount}/{stage}-{name(setting)}", [*AMOUNTS[amount], *args])
+        run_dir = self.run(command, f"{amount}/{stage}-{name(setting)}", [*AMOUNTS[amount], *args])
         result = json.loads((run_dir / "eval.json").read_text())
         record = {"stage": stage, "amount": amount, "setting": setting, "val_top1": result["top1"],
-                  "val_top5": result["top5"], "folder": str(run_dir.relative_to(self.out)),
-                  "wall_time_s": round(seconds, 1) if seconds > 1 else None}
+                  "val_top5": result["top5"], "folder": str(run_dir.relative_to(self.out))}
         print(f"  {stage:<9} {amount:<13} {name(setting):<40} val top-1 {result['top1']:.2f}", flush=True)
         return record
 
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # extra flags go to every command (e.g. --data-dir)
     args.out.mkdir(parents=True, exist_ok=True)
     tuner = Tuner(args.out, args.seed, args.jobs, extra)
-    pretrained, _ = tuner.run("pretrain", "pretrain", [])
+    pretrained = tuner.run("pretrain", "pretrain", [])
     chosen: dict[str, dict[str, Any]] = {}
     for amount in args.amounts.split(","):
         stages = (("baseline", []), ("finetune", ["--checkpoint", str(pretrained)]))
@@ -144,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     record = {"protocol": "validation top-1 on a held-out 10 % of the training split (--eval-split val); "
                           "test split unused", "seed": args.seed, "grid": GRID, "distill_grid": DISTILL_GRID,
-              "commit": commit, "cpu": cpu, "extra_flags": extra, "trials": tuner.trials, "chosen": chosen}
+              "commit": commit, "cpu": cpu, "extra_flags": extra, "trials": tuner.trials, "chosen": chosen,
+              "preset": {stage: best_over_amounts(tuner.trials, stage) for stage in ("baseline", "finetune", "distill")}}
     (args.out / "tuning.json").write_text(json.dumps(record, indent=1) + "\n")
     (args.out / "tuning.md").write_text(tables(record))
     for key, trial in chosen.items():
-        print(f"chosen {key:<24} {name(trial['setting']):<40} val top-1 {trial['val_top1']:.2f}")
+        print(f"best   {key:<24} {name(trial['setting']):<40} val top-1 {trial['val_top1']:.2f}")
+    for stage, choice in record["preset"].items():
+        print(f"preset {stage:<24} {name(choice['setting']):<40} mean val top-1 {choice['mean_val_top1']:.2f}")
     return 0
 
 

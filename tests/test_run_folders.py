@@ -135,7 +135,7 @@ def test_resume_with_other_settings_is_refused_naming_each(capsys, data_dir: Pat
     before = _files(run_dir)
     expect_one_line_error(capsys, _pretrain(data_dir, run_dir, "--temperature", "0.5", "--seed", "1",
                                             "--color-jitter-strength", "0.3"),
-                          "(saved -> now: --color-jitter-strength 1.0 -> 0.3, --seed 0 -> 1, --temperature 0.2 -> 0.5)")
+                          "(saved -> now: --color-jitter-strength 0.5 -> 0.3, --seed 0 -> 1, --temperature 0.2 -> 0.5)")
     assert _files(run_dir) == before
     # What may change on resume: the stop, the loader, logging, checkpoints kept, the device.
     _run(*_pretrain(data_dir, run_dir, "--max-steps", "2", "--num-workers", "0", "--log-every-steps", "2",

@@ -28,6 +28,15 @@ def test_the_best_validation_accuracy_wins_and_the_first_of_equals() -> None:
     assert tune.best(trials)["i"] == 1
 
 
+def test_the_preset_takes_the_best_mean_over_the_amounts() -> None:
+    trials = [{"stage": "finetune", "amount": a, "setting": {"learning_rate": lr}, "val_top1": v}
+              for a, lr, v in (("10", 0.1, 60.0), ("1pct", 0.1, 90.0), ("10", 0.3, 70.0), ("1pct", 0.3, 78.0),
+                               ("10", 1.0, 99.0))]  # lr 1 was not tried at every amount
+    choice = tune.best_over_amounts(trials, "finetune")
+    assert choice["setting"] == {"learning_rate": 0.1} and choice["mean_val_top1"] == 75.0
+    assert choice["val_top1"] == {"10": 60.0, "1pct": 90.0}  # not the best at 10 alone
+
+
 def test_miniature_search_judges_on_val_and_never_reads_test(tmp_path: Path, monkeypatch) -> None:
     data = write_tiny_fashion_mnist(tmp_path / "data", n_train=200, n_test=40)
     monkeypatch.setattr(tune, "GRID", {"learning_rate": [0.1], "train_epochs": [1]})
@@ -47,4 +56,5 @@ def test_miniature_search_judges_on_val_and_never_reads_test(tmp_path: Path, mon
         assert result["num_examples"] == 40 and trial["val_top1"] == result["top1"]  # the 20 % of 200 held out
     assert tune.main(["--out", str(out), "--amounts", "3-per-class", *flags]) == 0  # a rerun finds it all done
     table = (out / "tuning.md").read_text()
+    assert set(record["preset"]) == {"baseline", "finetune", "distill"}
     assert "**3-per-class**" in table and table.count("| distill |") == 2 and table.count("**") >= 4
