@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from paper_findings import machine  # the findings study's record of commit, CPU and versions (same folder)
 
 REPO = Path(__file__).resolve().parent.parent
 AMOUNTS = {"10-per-class": ["--labels-per-class", "10"], "1pct": ["--label-fraction", "0.01"]}
@@ -148,12 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                                     *(["--student-init", str(pretrained)] if s["student_init"] == "pretrained" else [])])
                                   for s in settings(DISTILL_GRID)])
         chosen[f"{amount}/distill"] = best(trials)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     record = {"protocol": "validation top-1 on a held-out 10 % of the training split (--eval-split val); "
                           "test split unused", "seed": args.seed, "grid": GRID, "distill_grid": DISTILL_GRID,
-              "commit": commit, "cpu": cpu, "extra_flags": extra, "trials": tuner.trials, "chosen": chosen,
+              "machine": machine(), "extra_flags": extra, "trials": tuner.trials, "chosen": chosen,
               "preset": {stage: best_over_amounts(tuner.trials, stage) for stage in ("baseline", "finetune", "distill")}}
     (args.out / "tuning.json").write_text(json.dumps(record, indent=1) + "\n")
     (args.out / "tuning.md").write_text(tables(record))

@@ -9,6 +9,7 @@ from pathlib import Path
 from tiny_data import write_tiny_fashion_mnist
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tune_embedded.py"
+sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its folder's paper_findings
 spec = importlib.util.spec_from_file_location("tune_embedded", SCRIPT)
 tune = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = tune
@@ -56,5 +57,5 @@ def test_miniature_search_judges_on_val_and_never_reads_test(tmp_path: Path, mon
         assert result["num_examples"] == 40 and trial["val_top1"] == result["top1"]  # the 20 % of 200 held out
     assert tune.main(["--out", str(out), "--amounts", "3-per-class", *flags]) == 0  # a rerun finds it all done
     table = (out / "tuning.md").read_text()
-    assert set(record["preset"]) == {"baseline", "finetune", "distill"}
+    assert set(record["preset"]) == {"baseline", "finetune", "distill"} and record["machine"]["cpu"]
     assert "**3-per-class**" in table and table.count("| distill |") == 2 and table.count("**") >= 4

@@ -47,7 +47,7 @@ from torch import Tensor
 from simclrv2.data import augment_kernel
 from simclrv2.data.blur import blur_kernel_radius, gaussian_blur, gaussian_taps
 from simclrv2.data.color import COLOR_OPS, color_jitter_, to_grayscale
-from simclrv2.data.crops import same_boxes, sample_crop_boxes
+from simclrv2.data.crops import CROP_MIN_AREA, same_boxes, sample_crop_boxes
 from simclrv2.data.image_batch import as_rgb, check_batch, float32_math
 from simclrv2.data.resize import INTERPOLATIONS, interpolation_taps, resize_boxes
 
@@ -166,7 +166,7 @@ class SimCLRAugment:
     def __init__(self, image_size: int, color_jitter_strength: float = 1.0, use_blur: bool = True,
                  crop: bool = True, flip: bool = True, color: bool = True, grayscale_p: float = 0.2,
                  color_p: float = 0.8, blur_p: float = 0.5, interpolation: str = "bicubic",
-                 area_range: tuple[float, float] = (0.08, 1.0),
+                 area_range: tuple[float, float] = (CROP_MIN_AREA, 1.0),
                  aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3), chunk_size: Optional[int] = None,
                  fused: Optional[bool] = None):
         if image_size <= 0:
@@ -295,7 +295,7 @@ class SimCLRAugment:
 
 
 def finetune_augment(image_size: int, interpolation: str = "bicubic", crop: bool = True,
-                     crop_min_area: float = 0.08) -> SimCLRAugment:
+                     crop_min_area: float = CROP_MIN_AREA) -> SimCLRAugment:
     """Random resized crop + flip, no colour or blur: the official fine-tuning/distillation
     augmentation (``preprocess_for_train`` with ``color_distort=False``). ``crop=False`` for
     batches whose crops were already cut (image-folder workers): flip only."""

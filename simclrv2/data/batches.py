@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .augment import ViewMaker, first_then_second
+from .crops import CROP_MIN_AREA
 from .datasets import ImageDataset
 from .errors import DataError
 from .loader import PRELOAD_MAX_BYTES, FileLoader, shard_indices
@@ -56,7 +57,7 @@ def eval_batches(dataset: ImageDataset, batch_size: int, rt: "Runtime", *, num_w
 
 
 def pretrain_views(dataset: ImageDataset, rt: "Runtime", *, augmentation: str, batch_size: int, seed: int,
-                   image_size: int, strength: float, use_blur: bool, crop_min_area: float = 0.08,
+                   image_size: int, strength: float, use_blur: bool, crop_min_area: float = CROP_MIN_AREA,
                    num_workers: Optional[int] = None) -> tuple[Any, ViewMaker]:
     """(batch source, ``make_views(batch, generator) -> views``) for pretraining: ``views`` is
     (2B, 3, S, S), the first view of every image in rows ``[0, B)`` and the second in ``[B, 2B)``

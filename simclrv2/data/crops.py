@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+CROP_MIN_AREA = 0.08  # official smallest random crop, as a share of the image area (--crop-min-area)
 CROP_PROPORTION = 0.875  # official CROP_PROPORTION, used for eval centre crops (ImageNet standard)
 FIRST_CROP_ATTEMPTS = 8  # attempts judged for every image; the rest only where these all fail
 
@@ -16,7 +17,7 @@ def sample_crop_boxes(
     height: int,
     width: int,
     generator: Optional[torch.Generator] = None,
-    area_range: tuple[float, float] = (0.08, 1.0),
+    area_range: tuple[float, float] = (CROP_MIN_AREA, 1.0),
     aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
     min_object_covered: float = 0.1,
     max_attempts: int = 100,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 from torch import Tensor
 
 from .augment import SimCLRAugment, ViewMaker
+from .crops import CROP_MIN_AREA
 from .errors import DataError
 from .eval_transform import EvalTransform
 from .folder import FOLDER_SPLITS, load_folder
@@ -62,10 +63,10 @@ class ImageDataset(Protocol):
         """Sharded ``(images, labels)`` batches on ``rt.device`` (the batch-source interface)."""
 
     def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
-                        crop_min_area: float = 0.08) -> tuple["ImageDataset", ViewMaker]:
+                        crop_min_area: float = CROP_MIN_AREA) -> tuple["ImageDataset", ViewMaker]:
         """(dataset to load, ``make_views(batch, generator)``) for two SimCLR views per image."""
 
-    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["ImageDataset", SimCLRAugment]:
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = CROP_MIN_AREA) -> tuple["ImageDataset", SimCLRAugment]:
         """Random resized crop + flip: fine-tuning and distillation (paper section 3)."""
 
     def eval_inputs(self, image_size: int) -> tuple["ImageDataset", EvalTransform]:

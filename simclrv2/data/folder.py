@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .augment import SimCLRAugment, ViewMaker, finetune_augment, first_then_second
-from .crops import CROP_PROPORTION, center_crop_box, sample_crop_boxes
+from .crops import CROP_MIN_AREA, CROP_PROPORTION, center_crop_box, sample_crop_boxes
 from .errors import DataError, DatasetNotFoundError
 from .eval_transform import EvalTransform
 from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageError, decode_rgb_array, list_images
@@ -72,7 +72,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DataError(f"image_size must be positive, got {image_size}")
         self.root = Path(root)
         self.image_size, self.skip_bad_images, self.max_pixels = image_size, skip_bad_images, max_pixels
-        self.crop_min_area = 0.08
+        self.crop_min_area = CROP_MIN_AREA
         self._set_mode(mode, crops, crop_proportion)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist; pass the folder that holds "
@@ -156,7 +156,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         new.samples = [self.samples[i] for i in torch.as_tensor(indices, dtype=torch.long).tolist()]
         return new
 
-    def with_mode(self, mode: str, crops: int = 1, crop_min_area: float = 0.08) -> "ImageFolderDataset":
+    def with_mode(self, mode: str, crops: int = 1, crop_min_area: float = CROP_MIN_AREA) -> "ImageFolderDataset":
         """A copy of the same samples read in another ``mode`` (see the class docstring); train
         crops cover at least ``crop_min_area`` of the image."""
         new = self._copy()
@@ -171,7 +171,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                device=rt.device, persistent_workers=persistent_workers)
 
     def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
-                        crop_min_area: float = 0.08) -> tuple["ImageFolderDataset", ViewMaker]:
+                        crop_min_area: float = CROP_MIN_AREA) -> tuple["ImageFolderDataset", ViewMaker]:
         """Each sample arrives as its two crops (B, 2, 3, S, S), cut in the workers; the batch
         then gets flip, colour and blur."""
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur, crop=False)
@@ -180,7 +180,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return augment(first_then_second(batch[0]), generator)  # both crops in one call, as views() does
         return self.with_mode("train", crops=2, crop_min_area=crop_min_area), make_views
 
-    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["ImageFolderDataset", SimCLRAugment]:
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = CROP_MIN_AREA) -> tuple["ImageFolderDataset", SimCLRAugment]:
         """One random crop per sample in the workers; the batch is only flipped."""
         return self.with_mode("train", crop_min_area=crop_min_area), finetune_augment(image_size, crop=False)
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .augment import SimCLRAugment, ViewMaker, finetune_augment
+from .crops import CROP_MIN_AREA
 from .errors import DataError
 from .eval_transform import EvalTransform
 from .loader import InMemoryLoader
@@ -83,7 +84,7 @@ class TensorImageDataset:
         return InMemoryLoader(self, batch_size, shuffle, drop_last, seed, rt.rank, rt.world_size, rt.device)
 
     def pretrain_inputs(self, image_size: int, strength: float, use_blur: bool,
-                        crop_min_area: float = 0.08) -> tuple["TensorImageDataset", ViewMaker]:
+                        crop_min_area: float = CROP_MIN_AREA) -> tuple["TensorImageDataset", ViewMaker]:
         """Whole images: both views are cropped, resized and augmented as one batch."""
         augment = SimCLRAugment(image_size, color_jitter_strength=strength, use_blur=use_blur,
                                 area_range=(crop_min_area, 1.0))
@@ -92,7 +93,7 @@ class TensorImageDataset:
             return augment.views(batch[0], 2, generator)
         return self, make_views
 
-    def crop_flip_inputs(self, image_size: int, crop_min_area: float = 0.08) -> tuple["TensorImageDataset", SimCLRAugment]:
+    def crop_flip_inputs(self, image_size: int, crop_min_area: float = CROP_MIN_AREA) -> tuple["TensorImageDataset", SimCLRAugment]:
         return self, finetune_augment(image_size, crop_min_area=crop_min_area)
 
     def eval_inputs(self, image_size: int) -> tuple["TensorImageDataset", EvalTransform]:

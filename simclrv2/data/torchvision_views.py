@@ -7,10 +7,11 @@ from typing import Optional
 import torch
 
 from simclrv2.data.blur import blur_kernel_radius
+from simclrv2.data.crops import CROP_MIN_AREA
 
 
 def torchvision_simclr_transform(image_size: int, s: float = 1.0, blur: Optional[bool] = None,
-                                 color: bool = True, interpolation: str = "bilinear", crop_min_area: float = 0.08):
+                                 color: bool = True, interpolation: str = "bilinear", crop_min_area: float = CROP_MIN_AREA):
     """The usual per-image PIL SimCLR pipeline from torchvision, returning a float tensor.
 
     RandomResizedCrop(crop_min_area-1, 3/4-4/3), flip, RandomApply(ColorJitter(0.8s, 0.8s, 0.8s, 0.2s),

@@ -18,11 +18,10 @@ from simclrv2.config import (ConfigError, DistillConfig, check_range, validate_a
                              validate_training, validate_world)
 from simclrv2.data import batches as B
 from simclrv2.data.splits import labelled_train_set, load_split, take_subset
-from simclrv2.engine.checkpoint import checkpoint_meta
+from simclrv2.engine.checkpoint import checkpoint_meta, write_json
 from simclrv2.engine.evaluation import evaluate_model
 from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders
-from simclrv2.engine.checkpoint import write_json
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
 from simclrv2.losses import distillation_loss

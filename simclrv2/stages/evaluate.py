@@ -10,9 +10,9 @@ import torch
 
 from simclrv2.config import ConfigError, EvaluateConfig, save_config, validate_data, validate_runtime
 from simclrv2.data.splits import load_split
+from simclrv2.engine.checkpoint import write_json
 from simclrv2.engine.evaluation import evaluate_model
 from simclrv2.engine.run_folder import claim_run_folder, releases_run_folders
-from simclrv2.engine.checkpoint import write_json
 from simclrv2.engine.runtime import setup_runtime
 from simclrv2.stages import common as C
 

@@ -17,11 +17,10 @@ from simclrv2.config import (FinetuneConfig, adopt_architecture, check_range, va
                              validate_training, validate_world)
 from simclrv2.data import batches as B
 from simclrv2.data.splits import describe_labels, labelled_train_set
-from simclrv2.engine.checkpoint import checkpoint_meta
+from simclrv2.engine.checkpoint import checkpoint_meta, write_json
 from simclrv2.engine.evaluation import evaluate_model
 from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders
-from simclrv2.engine.checkpoint import write_json
 from simclrv2.engine.runtime import describe, prepare_model, setup_runtime, to_device_images
 from simclrv2.engine.trainer import GeneratorState, TrainTask, train
 from simclrv2.models import SimCLRv2Model, SupervisedHead, freeze_for_finetuning

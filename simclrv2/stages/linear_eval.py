@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from simclrv2.config import ConfigError, LinearEvalConfig, validate_selector, validate_training, validate_world
 from simclrv2.data import batches as B
 from simclrv2.data.splits import labelled_train_set, load_split
-from simclrv2.engine.checkpoint import checkpoint_meta
+from simclrv2.engine.checkpoint import checkpoint_meta, write_json
 from simclrv2.engine.evaluation import evaluate_classifier, extract_features
 from simclrv2.engine.report import print_summary
 from simclrv2.engine.run_folder import releases_run_folders
-from simclrv2.engine.checkpoint import write_json
 from simclrv2.engine.runtime import Runtime, describe, setup_runtime
 from simclrv2.engine.trainer import TrainTask, train
 from simclrv2.models import SupervisedHead

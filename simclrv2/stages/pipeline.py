@@ -46,8 +46,9 @@ def _label_settings(cfg: PipelineConfig) -> list[tuple[Optional[str], LabelConfi
 def _stage_data(stage_data: DataConfig, cfg: PipelineConfig) -> DataConfig:
     """The pipeline's data, except where the stage's preset differs from the defaults (the cifar
     preset's colour strength 0.5 for pretraining) and the user did not set that option."""
+    default = DataConfig()
     own = {f.name: getattr(stage_data, f.name) for f in fields(DataConfig)
-           if getattr(stage_data, f.name) != getattr(DataConfig(), f.name) and f"data.{f.name}" not in cfg.explicit}
+           if getattr(stage_data, f.name) != getattr(default, f.name) and f"data.{f.name}" not in cfg.explicit}
     return replace(cfg.data, **own)
 
 
