@@ -8,10 +8,12 @@ and the CPU's dense-kernel peak measured in both precisions. No end-to-end loop 
 step, so ``run.py``'s ratio for a model is at most about this step's ours over the reference loop.
 
     python benchmarks/network.py --model embedded --json results/cpu_amd_epyc_2core.json  # ~1 min
+    python benchmarks/network.py --model embedded --ceiling ...  # + the bound of fusing BN and ReLU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +39,9 @@ PHASE_OPS = {
     "conv_backward": ("aten::convolution_backward",),
     "batch_norm": ("aten::native_batch_norm", "aten::native_batch_norm_backward"),
 }
+# Timing-only variants of our step, each with some operators made free (the identity): what any
+# fusion or removal of that work could buy at most. ``--ceiling`` measures them.
+CEILINGS = {"without_bn": ("batch_norm",), "without_bn_relu": ("batch_norm", "relu")}
 FLOP_OPS = {"conv_forward": ("convolution",), "conv_backward": ("convolution_backward",)}
 
 
@@ -104,6 +111,29 @@ def make_step(model_key: str, side: str, batch_size: int) -> NetworkStep:
     return NetworkStep(step, model, views)
 
 
+@contextlib.contextmanager
+def free(operators: Iterable[str]):
+    """While the block runs, 2-D batch norm and/or ReLU (``F.relu``, ``F.relu_``) are the identity.
+    Timing only: the model still trains, on other numbers."""
+    saved = nn.BatchNorm2d.forward, F.relu, F.relu_
+    if "batch_norm" in operators:
+        nn.BatchNorm2d.forward = lambda self, x: x
+    if "relu" in operators:
+        F.relu = F.relu_ = lambda x, inplace=False: x
+    try:
+        yield
+    finally:
+        nn.BatchNorm2d.forward, F.relu, F.relu_ = saved
+
+
+def without(step: Callable[[], None], operators: Iterable[str]) -> Callable[[], None]:
+    """``step`` with ``operators`` made free (:func:`free`)."""
+    def run() -> None:
+        with free(operators):
+            step()
+    return run
+
+
 def profile_step(step: Callable[[], None], steps: int) -> tuple[dict[str, float], dict[str, float]]:
     """(milliseconds per profiled step of each phase, the rest and the whole step; FLOPs per step
     of each convolution phase)."""
@@ -123,13 +153,18 @@ def profile_step(step: Callable[[], None], steps: int) -> tuple[dict[str, float]
             flops_by_phase(counter.get_flop_counts()["Global"]))
 
 
-def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Both sides' step times (alternating rounds), operator split, convolution FLOPs, and the peaks."""
+def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: int,
+            ceiling: bool = False) -> dict[str, Any]:
+    """Both sides' step times (alternating rounds), operator split, convolution FLOPs, and the peaks;
+    with ``ceiling``, also our step with each of :data:`CEILINGS` made free (timed, not profiled)."""
     steps_of = {side: make_step(model_key, side, batch_size).run for side in SIDES}
+    if ceiling:
+        steps_of.update({f"ours_{name}": without(make_step(model_key, "ours", batch_size).run, ops)
+                         for name, ops in CEILINGS.items()})
     for step in steps_of.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    times: dict[str, list[float]] = {side: [] for side in steps_of}
     for _ in range(rounds):  # alternating, so that both sides see the same machine
         for side, step in steps_of.items():
             times[side] += [_seconds(step) for _ in range(steps)]
@@ -137,8 +172,8 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
     result: dict[str, Any] = {"model": model_key, "batch_size": batch_size, "image_size": E2E_MODELS[model_key]["image_size"],
                               "rounds": rounds, "steps": steps, "warmup": warmup,
                               "threads": torch.get_num_threads(), "dense_peak_gflops": peaks}
-    for side, step in steps_of.items():
-        phases, flops = profile_step(step, steps)
+    for side in SIDES:
+        phases, flops = profile_step(steps_of[side], steps)
         best, median = min(times[side]), statistics.median(times[side])
         dtype = "bfloat16" if SIDES[side][0] == torch.bfloat16 else "float32"
         conv_ms = phases["conv_forward"] + phases["conv_backward"]
@@ -157,6 +192,11 @@ def measure(model_key: str, batch_size: int, rounds: int, steps: int, warmup: in
             "images_per_s_convs_at_peak": batch_size / at_peak_s,
         }
     result["ratio"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+    if ceiling:
+        result["ceiling"] = {name: {"free": list(ops), "step_ms_best": min(times[f"ours_{name}"]) * 1000,
+                                    "images_per_s": batch_size / min(times[f"ours_{name}"]),
+                                    "speedup_bound": min(times["ours"]) / min(times[f"ours_{name}"])}
+                             for name, ops in CEILINGS.items()}
     return result
 
 
@@ -172,6 +212,9 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"dense-kernel peak {peaks['float32']:.0f} / {peaks['bfloat16']:.0f} GFLOP/s; convolutions at "
                  f"{ref['conv_fraction_of_peak']:.0%} / {ours['conv_fraction_of_peak']:.0%} of it; all at the peak: "
                  f"{ref['images_per_s_convs_at_peak']:.0f} / {ours['images_per_s_convs_at_peak']:.0f} images/s")
+    for name, bound in result.get("ceiling", {}).items():
+        lines.append(f"ours with {' and '.join(bound['free'])} free (timing only): {bound['step_ms_best']:.0f} ms, "
+                     f"at most {bound['speedup_bound']:.2f}x ours, {bound['images_per_s'] / ref['images_per_s']:.2f}x the reference")
     return "\n".join(lines)
 
 
@@ -182,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of timed steps per side")
     parser.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side before the rounds")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time our step with batch norm, then batch norm and ReLU, made free (timing only)")
     parser.add_argument("--json", type=Path, help="the results file to merge the figures into (key network_MODEL)")
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--rounds", args.rounds, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
-    result = measure(args.model, args.batch_size, args.rounds, args.steps, args.warmup)
+    result = measure(args.model, args.batch_size, args.rounds, args.steps, args.warmup, args.ceiling)
     print(report(result))
     if args.json:
         common.record(args.json, common.machine(), {f"network_{args.model}": result})

@@ -232,6 +232,31 @@ def test_the_script_records_both_sides_on_the_same_work(tmp_path, capsys, monkey
     assert "dense-kernel peak" in capsys.readouterr().out
 
 
+def test_free_makes_batch_norm_and_relu_the_identity_only_inside_the_block():
+    import torch.nn.functional as F
+    from torch import nn
+    bn, x = nn.BatchNorm2d(3).train(), torch.randn(4, 3, 5, 5) * 3 + 1
+    with network.free(["batch_norm"]):
+        assert torch.equal(bn(x), x)
+        assert torch.equal(F.relu(x), x.clamp_min(0))  # ReLU untouched
+    with network.free(["batch_norm", "relu"]):
+        assert torch.equal(F.relu(x), x) and torch.equal(F.relu_(x.clone()), x)
+    assert bn(x).mean(dim=(0, 2, 3)).abs().max() < 1e-5  # normal again
+    assert torch.equal(F.relu(x), x.clamp_min(0))
+
+
+def test_the_ceiling_records_our_step_with_the_work_made_free(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(network, "dense_peak_gflops", lambda dtype: 100.0)
+    out = tmp_path / "results.json"
+    assert network.main(["--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                         "--ceiling", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["network_embedded"]
+    assert set(result["ceiling"]) == set(network.CEILINGS)
+    for bound in result["ceiling"].values():
+        assert bound["speedup_bound"] == pytest.approx(result["ours"]["step_ms_best"] / bound["step_ms_best"])
+    assert "batch_norm and relu free" in capsys.readouterr().out
+
+
 def test_the_script_rejects_an_empty_batch_by_name(capsys):
     with pytest.raises(SystemExit):
         network.main(["--batch-size", "0"])
