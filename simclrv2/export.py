@@ -257,8 +257,10 @@ def onnx_max_difference(model: SimCLRv2Model, path: str | Path, image_size: int,
 
 def check_output(out: Path, fmt: str, force: bool) -> None:
     """Refuse an output that exists unless ``force``; never replace a folder other than an ``hf`` export."""
-    from simclrv2.hub import is_export_folder
+    from simclrv2.hub import is_export_folder, recover_folder
 
+    if fmt == "hf":
+        recover_folder(out)
     if fmt != "hf" and out.is_dir():
         raise ExportError(f"output {out} is a folder; name the file to write")
     if fmt == "hf" and out.exists() and not out.is_dir():

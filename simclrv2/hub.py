@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from simclrv2.engine.checkpoint import CheckpointError, atomic_write, write_json, write_text
+from simclrv2.engine.checkpoint import CheckpointError, atomic_write, process_alive, write_json, write_text
 from simclrv2.models import ModelSpec, SimCLRv2Model
 
 HF_PREFIX = "hf://"
@@ -163,6 +163,24 @@ def write_folder(model: SimCLRv2Model, out: Path, classes: Optional[list], run_d
     return [f"wrote {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, {CARD_NAME})",
             f"publish it with huggingface_hub.upload_folder(repo_id='ORG/{out.name}', folder_path='{out}'); "
             f"load it with simclrv2.load('hf://ORG/{out.name}')"]
+
+
+def recover_folder(out: Path) -> None:
+    """Undo what a killed :func:`write_folder` of ``out`` left beside it: its half-written
+    ``.NAME.tmp-PID`` folder is deleted, and its ``.NAME.old-PID`` (the previous export, set aside
+    by :func:`_replace_folder`) goes back to ``out`` when ``out`` is missing, else is deleted.
+    Folders of live processes are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.match(path.name)
+        if not match or process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path)
 
 
 def _replace_folder(new: Path, out: Path) -> None:

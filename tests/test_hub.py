@@ -147,3 +147,23 @@ def test_a_failed_hf_export_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         cli.main(["export", str(run), str(tmp_path / "m"), "--format", "hf"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune"]
+
+
+def test_an_export_cleans_up_after_a_killed_one_and_restores_a_folder_set_aside(tmp_path):
+    run, _ = _finetune_run(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "m"
+    assert cli.main(["export", str(run), str(out), "--format", "hf"]) == 0
+    # Killed after setting the old folder aside and before renaming the new one into place:
+    os.replace(out, tmp_path / f".m.old-{dead.pid}")
+    (tmp_path / f".m.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".m.tmp-{dead.pid}" / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".m.tmp-{os.getppid()}"  # another export still at work
+    live.mkdir()
+    assert cli.main(["export", str(run), str(out), "--format", "hf"]) == 2  # the next export to m
+    assert out.is_dir() and is_export_folder(out)  # the export set aside is back, not lost
+    assert not (tmp_path / f".m.tmp-{dead.pid}").exists() and live.exists()
+    (tmp_path / f".m.old-{dead.pid}").mkdir()  # killed after the new folder was in place
+    assert cli.main(["export", str(run), str(out), "--format", "hf", "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]

@@ -74,7 +74,8 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +93,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if (m := _TEMP_FILE.match(p.name)) and not _alive(int(m.group(1)))]
+    stale = [p for p in folder.iterdir() if (m := _TEMP_FILE.match(p.name)) and not process_alive(int(m.group(1)))]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
