@@ -1,19 +1,14 @@
 """experiments/tune_embedded.py: its grid, its choice, and a one-setting miniature end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from tiny_data import write_tiny_fashion_mnist
 
-SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tune_embedded.py"
-sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its folder's paper_findings
-spec = importlib.util.spec_from_file_location("tune_embedded", SCRIPT)
-tune = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = tune
-spec.loader.exec_module(tune)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))  # as when the scripts run
+import tune_embedded as tune  # noqa: E402
 
 
 def test_every_stage_gets_a_search_of_the_same_size() -> None:
