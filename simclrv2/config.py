@@ -263,8 +263,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pipeline": {"labels_per_class": [10], "label_fractions": [0.01]},
         # Every value below was chosen on the val split (docs/tuning.md). Pretraining: crops of at
         # least a quarter of the 28 px image and colour strength 0.5 (brightness and contrast
-        # only, on grey images); 4 epochs, which with the label stages below already takes longer
-        # than our 15-minute aim on 2 cores (docs/tuning.md, result on the test split).
+        # only, on grey images); 4 epochs: with the label stages below, about 15 minutes a seed on
+        # 2 cores of an Intel Xeon with AMX, 22 on an AMD EPYC (docs/tuning.md, result on the test split).
         "pretrain": {
             "model": _EMBEDDED_MODEL, "temperature": 0.2, "runtime": _EMBEDDED_RUNTIME,
             "data": {"crop_min_area": 0.25, "color_jitter_strength": 0.5},
